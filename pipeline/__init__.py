@@ -1,0 +1,1 @@
+"""Meta-RL pipeline: Evolved Policy Gradients and meta-gradient RL."""

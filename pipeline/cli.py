@@ -1,0 +1,140 @@
+"""Command line: ``python -m pipeline {losses,profile,ui,games} ...``.
+
+    python -m pipeline losses list
+    python -m pipeline losses show VERSION|ALIAS
+    python -m pipeline losses promote VERSION --alias champion
+    python -m pipeline losses export VERSION|ALIAS PATH
+    python -m pipeline profile paper        # copy params/paper.yaml over params.yaml (validated first)
+    python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
+    python -m pipeline games                # the ALE games this ale-py ships
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import tracking
+from .config import ConfigError, ale_games, load_params
+
+EXIT_USAGE = 2
+
+
+def default_model_name() -> str:
+    try:
+        return load_params(tracking.project_root() / "params.yaml").tracking.registered_model
+    except ConfigError:
+        return "epg-loss"
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_losses(args) -> int:
+    model = args.model or default_model_name()
+    if args.action == "list":
+        rows = tracking.list_versions(model)
+        if not rows:
+            print(f"no versions of {model!r} in {tracking.tracking_uri()}")
+            return 0
+        print(f"{'version':>7}  {'aliases':<22} {'fitness':>10} {'family':<16} {'created':<19}  run_id")
+        for row in rows:
+            created = datetime.fromtimestamp(row["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            print(
+                f"{row['version']:>7}  {','.join(row['aliases']) or '-':<22} {row['tags'].get('fitness', '-'):>10} "
+                f"{row['tags'].get('family', '-'):<16} {created:<19}  {row['run_id']}"
+            )
+        return 0
+    try:
+        version = tracking.resolve_version(model, args.version)
+    except Exception as err:  # MLflow raises its own exception types for unknown versions/aliases
+        return _fail(f"{model!r} has no version or alias {args.version!r} ({type(err).__name__})")
+    if args.action == "show":
+        row = next(r for r in tracking.list_versions(model) if r["version"] == str(version.version))
+        print(json.dumps(row, indent=2))
+        return 0
+    if args.action == "promote":
+        tracking.set_alias(model, version.version, args.alias)
+        print(f"{model} version {version.version} now has alias {args.alias!r}")
+        return 0
+    if args.action == "export":
+        target = tracking.export_version(model, str(version.version), Path(args.path))
+        print(f"exported {model} version {version.version} to {target}")
+        return 0
+    return _fail(f"unknown action {args.action!r}")
+
+
+def cmd_profile(args) -> int:
+    source = tracking.project_root() / "params" / f"{args.name}.yaml"
+    if not source.exists():
+        names = sorted(p.stem for p in source.parent.glob("*.yaml"))
+        return _fail(f"no profile {args.name!r}; available: {', '.join(names)}")
+    try:
+        load_params(source)
+    except ConfigError as err:
+        return _fail("\n".join(err.lines))
+    shutil.copyfile(source, tracking.project_root() / "params.yaml")
+    print(f"params.yaml now holds the {args.name!r} profile ({source})")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    root = tracking.project_root()
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", tracking.tracking_uri(root),
+        "--default-artifact-root", tracking.artifact_root(root).as_uri(),
+        "--host", args.host, "--port", str(args.port),
+    ]
+    print("MLflow UI at http://%s:%d (Ctrl-C stops it)" % (args.host, args.port))
+    return subprocess.call(command, env={**os.environ})
+
+
+def cmd_games(args) -> int:
+    print("\n".join(ale_games()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    losses = commands.add_parser("losses", help="evolved losses in the MLflow Model Registry")
+    losses.add_argument("--model", help="registered model name (default: tracking.registered_model)")
+    actions = losses.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="all versions with aliases and fitness")
+    show = actions.add_parser("show", help="one version's tags, run and source")
+    show.add_argument("version", help="version number or alias")
+    promote = actions.add_parser("promote", help="point an alias at a version")
+    promote.add_argument("version", help="version number or alias")
+    promote.add_argument("--alias", default="champion")
+    export = actions.add_parser("export", help="copy a version's loss.pt to PATH")
+    export.add_argument("version", help="version number or alias")
+    export.add_argument("path")
+    losses.set_defaults(func=cmd_losses)
+
+    profile = commands.add_parser("profile", help="switch params.yaml to params/NAME.yaml")
+    profile.add_argument("name")
+    profile.set_defaults(func=cmd_profile)
+
+    ui = commands.add_parser("ui", help="MLflow UI on the project's embedded store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
+    games = commands.add_parser("games", help="list the ALE games")
+    games.set_defaults(func=cmd_games)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

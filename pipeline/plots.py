@@ -1,0 +1,95 @@
+"""Static PNG plots (matplotlib, headless). DVC's HTML plots need a CDN an offline user lacks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .io import atomic_path  # noqa: E402
+
+
+def _save(figure, target: Path) -> Path:
+    with atomic_path(target, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(figure)
+    return Path(target)
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def line_plot(
+    target: Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    reference_lines: Mapping[str, float] | None = None,
+) -> Path:
+    """One line per series; optional shaded bands (low, high) per series and horizontal references."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    for label, (x, y) in series.items():
+        (line,) = axis.plot(x, y, label=label)
+        if bands and label in bands:
+            low, high = bands[label]
+            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+    for label, level in (reference_lines or {}).items():
+        axis.axhline(level, linestyle="--", color="grey", linewidth=1)
+        axis.annotate(label, (0.01, level), xycoords=("axes fraction", "data"), fontsize=8, color="grey")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    if series:
+        axis.legend(fontsize=8)
+    return _save(figure, target)
+
+
+def bar_plot(
+    target: Path,
+    groups: Mapping[str, Mapping[str, float]],
+    *,
+    ylabel: str,
+    title: str,
+    errors: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+) -> Path:
+    """Grouped bars: ``groups[group][bar] = value``; ``errors[group][bar] = (low, high)``."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    group_names = list(groups)
+    bar_names = sorted({bar for values in groups.values() for bar in values}, key=str)
+    width = 0.8 / max(1, len(bar_names))
+    for j, bar in enumerate(bar_names):
+        xs, heights, yerr = [], [], [[], []]
+        for i, group in enumerate(group_names):
+            if bar not in groups[group]:
+                continue
+            value = groups[group][bar]
+            xs.append(i + (j - (len(bar_names) - 1) / 2) * width)
+            heights.append(value)
+            low, high = (errors or {}).get(group, {}).get(bar, (value, value))
+            yerr[0].append(max(0.0, value - low))
+            yerr[1].append(max(0.0, high - value))
+        axis.bar(xs, heights, width=width, label=bar, yerr=yerr if errors else None, capsize=3)
+    axis.set_xticks(range(len(group_names)))
+    axis.set_xticklabels(group_names)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize=8)
+    return _save(figure, target)
