@@ -1,0 +1,1 @@
+"""Reinforcement-learning building blocks: returns, losses and learners."""
