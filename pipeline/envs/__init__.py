@@ -1,0 +1,1 @@
+"""Batched torch environments for meta-RL task families."""
