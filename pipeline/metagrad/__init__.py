@@ -1,0 +1,1 @@
+"""Meta-gradient RL (Xu, van Hasselt & Silver 2018) on Atari."""
