@@ -1,0 +1,1 @@
+"""Evolved Policy Gradients (Houthooft et al. 2018)."""
