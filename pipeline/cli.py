@@ -1,12 +1,12 @@
 """Command line: ``python -m pipeline {losses,profile,ui,games} ...``.
 
-    python -m pipeline losses list
-    python -m pipeline losses show VERSION|ALIAS
-    python -m pipeline losses promote VERSION --alias champion
-    python -m pipeline losses export VERSION|ALIAS PATH
-    python -m pipeline profile paper        # copy params/paper.yaml over params.yaml (validated first)
-    python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
-    python -m pipeline games                # the ALE games this ale-py ships
+python -m pipeline losses list
+python -m pipeline losses show VERSION|ALIAS
+python -m pipeline losses promote VERSION --alias champion
+python -m pipeline losses export VERSION|ALIAS PATH
+python -m pipeline profile paper        # copy params/paper.yaml over params.yaml (validated first)
+python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
+python -m pipeline games                # the ALE games this ale-py ships
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def cmd_losses(args) -> int:
         for row in rows:
             created = datetime.fromtimestamp(row["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
             print(
-                f"{row['version']:>7}  {','.join(row['aliases']) or '-':<22} {row['tags'].get('fitness', '-'):>10} "
+                f"{row['version']:>7}  {','.join(row['aliases']) or '-':<22} "
+                f"{row['tags'].get('fitness', '-'):>10} "
                 f"{row['tags'].get('family', '-'):<16} {created:<19}  {row['run_id']}"
             )
         return 0
@@ -89,12 +90,20 @@ def cmd_profile(args) -> int:
 def cmd_ui(args) -> int:
     root = tracking.project_root()
     command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", tracking.tracking_uri(root),
-        "--default-artifact-root", tracking.artifact_root(root).as_uri(),
-        "--host", args.host, "--port", str(args.port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking.tracking_uri(root),
+        "--default-artifact-root",
+        tracking.artifact_root(root).as_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
     ]
-    print("MLflow UI at http://%s:%d (Ctrl-C stops it)" % (args.host, args.port))
+    print(f"MLflow UI at http://{args.host}:{args.port} (Ctrl-C stops it)")
     return subprocess.call(command, env={**os.environ})
 
 

@@ -135,14 +135,18 @@ class InnerLoopConfig(Frozen):
     def _consistent(self):
         if self.lifetime_steps % self.update_every:
             raise ValueError(
-                f"lifetime_steps ({self.lifetime_steps}) must be a multiple of update_every ({self.update_every})"
+                f"lifetime_steps ({self.lifetime_steps}) must be a multiple of "
+                f"update_every ({self.update_every})"
             )
         if self.update_every % self.minibatch_size:
             raise ValueError(
-                f"update_every ({self.update_every}) must be a multiple of minibatch_size ({self.minibatch_size})"
+                f"update_every ({self.update_every}) must be a multiple of "
+                f"minibatch_size ({self.minibatch_size})"
             )
         if self.buffer_size < self.update_every:
-            raise ValueError(f"buffer_size ({self.buffer_size}) must be >= update_every ({self.update_every})")
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) must be >= update_every ({self.update_every})"
+            )
         return self
 
 
@@ -218,7 +222,9 @@ class MetagradConfig(Frozen):
     grad_clip: PositiveFloat = 40.0
     reward_clip: PositiveFloat = 1.0
     gamma: Probability = 0.99  # used where gamma is not meta-learned
-    lambda_: Annotated[float, Field(gt=0, le=1, alias="lambda")] = 1.0  # used where lambda is not meta-learned
+    lambda_: Annotated[float, Field(gt=0, le=1, alias="lambda")] = (
+        1.0  # used where lambda is not meta-learned
+    )
     clip_rho: PositiveFloat = 1.0
     clip_c: PositiveFloat = 1.0
     checkpoint_every: PositiveInt = 50  # updates
@@ -239,7 +245,9 @@ class MetagradConfig(Frozen):
     @classmethod
     def _baseline_present(cls, variants: list[str]) -> list[str]:
         if "impala" not in variants:
-            raise ValueError("variants must include 'impala' (the {} baseline every variant is compared with)")
+            raise ValueError(
+                "variants must include 'impala' (the {} baseline every variant is compared with)"
+            )
         if len(set(variants)) != len(variants):
             raise ValueError("variants are listed more than once")
         return variants
@@ -249,7 +257,9 @@ class MetagradConfig(Frozen):
 class EpgEvalConfig(Frozen):
     loss: str = "models/epg/loss.pt"  # a file, or a registry URI such as models:/epg-loss@champion
     seeds: PositiveInt = 5
-    methods: list[Literal["evolved", "ppo", "pg", "random_loss"]] = Field(default=list(EPG_METHODS), min_length=1)
+    methods: list[Literal["evolved", "ppo", "pg", "random_loss"]] = Field(
+        default=list(EPG_METHODS), min_length=1
+    )
     splits: list[Literal["test", "ood"]] = Field(default=list(SPLITS), min_length=1)
     max_tasks_per_split: PositiveInt = 16
     curve_points: PositiveInt = 16
@@ -311,7 +321,9 @@ def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: expected a mapping of sections ({', '.join(PipelineConfig.model_fields)})"])
+        raise ConfigError(
+            [f"{path}: expected a mapping of sections ({', '.join(PipelineConfig.model_fields)})"]
+        )
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
@@ -341,7 +353,9 @@ def _allowed_keys(loc: list[Any]) -> list[str]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
         model = field.annotation
     return [field.alias or name for name, field in model.model_fields.items()]

@@ -7,6 +7,7 @@ target (rename is atomic on POSIX within one filesystem).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -51,7 +52,9 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
-def write_csv(target: str | os.PathLike, rows: Sequence[Mapping[str, Any]], fieldnames: Iterable[str] | None = None):
+def write_csv(
+    target: str | os.PathLike, rows: Sequence[Mapping[str, Any]], fieldnames: Iterable[str] | None = None
+):
     """Write dict rows as CSV (the format DVC plots read)."""
     rows = list(rows)
     if fieldnames is None:
@@ -75,9 +78,12 @@ def torch_save(target: str | os.PathLike, obj: Any) -> Path:
     return Path(target)
 
 
-def torch_load(path: str | os.PathLike) -> Any:
+def torch_load(source: str | os.PathLike | bytes) -> Any:
+    """Load a file (or its bytes) written by ``torch_save``."""
     # Our own checkpoints hold plain containers, tensors and numpy/python RNG states.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    return torch.load(source, map_location="cpu", weights_only=False)
 
 
 def _json_default(value: Any) -> Any:

@@ -102,9 +102,7 @@ def versions() -> dict:
 
 def run_prepare(config: PipelineConfig, out_dir: Path, metrics_path: Path) -> dict:
     section = section_dict(config, "prepare")
-    with StageRun(
-        "prepare", section, params_hash(section), experiment=config.tracking.experiment
-    ) as run:
+    with StageRun("prepare", section, params_hash(section), experiment=config.tracking.experiment) as run:
         games = {}
         for game in config.prepare.games:
             log.info("checking ROM and preprocessing for %s", game)
@@ -125,7 +123,9 @@ def run_prepare(config: PipelineConfig, out_dir: Path, metrics_path: Path) -> di
             "num_games": len(games),
             "num_score_games": len(scores["games"]),
             "num_tasks": {
-                family: {split: len(split_tasks) for split, split_tasks in data.items() if split != "param_ranges"}
+                family: {
+                    split: len(split_tasks) for split, split_tasks in data.items() if split != "param_ranges"
+                }
                 for family, data in tasks["families"].items()
             },
             "mlflow_run_id": run.run_id,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 import uuid
@@ -45,11 +44,12 @@ def project_root() -> Path:
     return here
 
 
+def embedded_uri(root: Path | None = None) -> str:
+    return f"sqlite:///{(root or project_root()).resolve() / 'mlflow.db'}"
+
+
 def tracking_uri(root: Path | None = None) -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = (root or project_root()).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(root)
 
 
 def artifact_root(root: Path | None = None) -> Path:
@@ -82,7 +82,8 @@ def experiment_id(name: str, root: Path | None = None) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    # (Not a test of the env var: mlflow.set_tracking_uri() itself exports MLFLOW_TRACKING_URI.)
+    if tracking_uri(root) == embedded_uri(root):
         # MLflow's default "./mlruns" is relative to whatever the cwd is; pin it to the project.
         location = (artifact_root(root) / name).as_uri()
     try:
@@ -333,15 +334,15 @@ def resolve_version(model_name: str, ref: str, root: Path | None = None):
     return mlclient.get_model_version_by_alias(model_name, ref)
 
 
-def download_loss(uri: str, root: Path | None = None) -> Path:
-    """Download the loss file of a registry version (``models:/epg-loss@champion``) to a temp folder."""
+def download_loss(uri: str, root: Path | None = None) -> bytes:
+    """The bytes of a registry version's loss file (``models:/epg-loss@champion``); no temp files remain."""
     mlflow = _mlflow(root)
-    target = Path(tempfile.mkdtemp(prefix="epg-loss-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    candidates = [local] if local.is_file() else sorted(local.rglob(LOSS_FILE))
-    if not candidates:
-        raise FileNotFoundError(f"{uri} holds no {LOSS_FILE}")
-    return candidates[0]
+    with tempfile.TemporaryDirectory(prefix="epg-loss-") as folder:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
+        candidates = [local] if local.is_file() else sorted(local.rglob(LOSS_FILE))
+        if not candidates:
+            raise FileNotFoundError(f"{uri} holds no {LOSS_FILE}")
+        return candidates[0].read_bytes()
 
 
 def list_versions(model_name: str, root: Path | None = None) -> list[dict]:
@@ -373,7 +374,9 @@ def set_alias(model_name: str, version: str, alias: str, root: Path | None = Non
     client(root).set_registered_model_alias(model_name, alias, str(version))
 
 
-def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any], root: Path | None = None) -> None:
+def set_version_tags(
+    model_name: str, version: str, tags: Mapping[str, Any], root: Path | None = None
+) -> None:
     mlclient = client(root)
     for key, value in tags.items():
         mlclient.set_model_version_tag(model_name, str(version), key, str(value))
@@ -382,10 +385,10 @@ def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any], roo
 def export_version(model_name: str, ref: str, destination: Path, root: Path | None = None) -> Path:
     """Copy the loss file of a version (number or alias) to ``destination`` (file or folder)."""
     version = resolve_version(model_name, ref, root)
-    source = download_loss(f"models:/{model_name}/{version.version}", root)
+    payload = download_loss(f"models:/{model_name}/{version.version}", root)
     destination = Path(destination)
     if destination.is_dir():
         destination = destination / LOSS_FILE
     destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, destination)
+    destination.write_bytes(payload)
     return destination

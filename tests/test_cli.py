@@ -1,0 +1,189 @@
+"""Tests for the ``python -m pipeline`` command line, run as subprocesses against temporary stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ale_games
+
+PROJECT = Path(__file__).resolve().parents[1]
+MODEL = "cli-loss"  # tracking.registered_model in the store folder's params.yaml
+PROMO = "promo-loss"  # a second model the promote test may change freely
+PAYLOADS = {"1": b"first evolved loss", "2": b"second evolved loss"}
+
+
+def cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    scratch = folder / "scratch"  # export leaves a downloaded copy in a temp folder
+    scratch.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+        "DVC_NO_ANALYTICS": "1",
+        "TMPDIR": str(scratch),
+    }
+    env.pop("DVC_ROOT", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A project folder whose SQLite store holds two versions each of MODEL and PROMO.
+
+    MODEL: version 1 (alias champion), version 2 (alias candidate); PROMO: the same layout.
+    """
+    folder = tmp_path_factory.mktemp("cli-store")
+    (folder / "dvc.yaml").touch()
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["tracking"]["registered_model"] = MODEL
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        from pipeline.tracking import StageRun, register_loss, set_alias
+
+        for model in (MODEL, PROMO):
+            for version, payload in PAYLOADS.items():
+                loss = folder / "losses" / model / version / "loss.pt"
+                loss.parent.mkdir(parents=True)
+                loss.write_bytes(payload)
+                with StageRun("evolve", {}, "h", experiment="cli-test") as run:
+                    tags = {"fitness": f"{float(version) * 1.5:.2f}", "family": "point_goal"}
+                    assert register_loss(run, loss, model, tags) == version
+            set_alias(model, "1", "champion")
+    return folder
+
+
+def version_rows(stdout: str) -> dict[str, list[str]]:
+    """``losses list`` output -> {version: [aliases, fitness, family, ...]} (header skipped)."""
+    rows = {}
+    for line in stdout.splitlines()[1:]:
+        fields = line.split()
+        rows[fields[0]] = fields[1:]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_losses_list_shows_versions_aliases_and_tags(store):
+    result = cli(store, "losses", "list")
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header == ["version", "aliases", "fitness", "family", "created", "run_id"]
+    rows = version_rows(result.stdout)
+    assert sorted(rows) == ["1", "2"]
+    assert rows["1"][:3] == ["champion", "1.50", "point_goal"]
+    assert rows["2"][:3] == ["candidate", "3.00", "point_goal"]
+    assert len(rows["1"][-1]) == 32  # the MLflow run id
+
+
+def test_losses_list_of_a_model_without_versions(store):
+    result = cli(store, "losses", "--model", "nothing-here", "list")
+    assert result.returncode == 0, result.stderr
+    assert "no versions of 'nothing-here'" in result.stdout
+
+
+def test_losses_show_by_alias_prints_json(store):
+    result = cli(store, "losses", "show", "candidate")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["version"] == "2"
+    assert row["aliases"] == ["candidate"]
+    assert row["tags"] == {"fitness": "3.00", "family": "point_goal"}
+    assert row["source"] == f"runs:/{row['run_id']}/evolved_loss"
+
+
+def test_losses_export_writes_the_version_file(store, tmp_path):
+    target = tmp_path / "exported" / "champion.pt"
+    result = cli(store, "losses", "export", "champion", str(target))
+    assert result.returncode == 0, result.stderr
+    assert target.read_bytes() == PAYLOADS["1"]
+    assert f"exported {MODEL} version 1 to {target}" in result.stdout
+
+
+def test_losses_promote_moves_champion(store):
+    result = cli(store, "losses", "--model", PROMO, "promote", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"{PROMO} version 2 now has alias 'champion'" in result.stdout
+
+    rows = version_rows(cli(store, "losses", "--model", PROMO, "list").stdout)
+    assert rows["1"][0] == "-"
+    assert rows["2"][0] == "candidate,champion"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("show", "9"), ("export", "nope", "out.pt"), ("promote", "missing-alias")],
+    ids=["show-unknown-number", "export-unknown-alias", "promote-unknown-alias"],
+)
+def test_losses_unknown_version_exits_2_with_message(store, args):
+    result = cli(store, "losses", *args)
+    assert result.returncode == 2
+    assert f"error: '{MODEL}' has no version or alias '{args[1]}'" in result.stderr
+    assert result.stdout == ""
+    assert not (store / "out.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ profile
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    folder = tmp_path / "project"
+    shutil.copytree(PROJECT / "params", folder / "params")
+    shutil.copyfile(PROJECT / "params.yaml", folder / "params.yaml")
+    (folder / "dvc.yaml").touch()
+    return folder
+
+
+def test_profile_unknown_name_exits_2_listing_profiles(project_copy):
+    before = (project_copy / "params.yaml").read_bytes()
+    result = cli(project_copy, "profile", "no-such-profile")
+    assert result.returncode == 2
+    available = ", ".join(sorted(p.stem for p in (PROJECT / "params").glob("*.yaml")))
+    assert "learn" in available
+    assert f"error: no profile 'no-such-profile'; available: {available}" in result.stderr
+    assert (project_copy / "params.yaml").read_bytes() == before
+
+
+def test_profile_copies_a_valid_profile_over_params_yaml(project_copy):
+    result = cli(project_copy, "profile", "learn")
+    assert result.returncode == 0, result.stderr
+    assert (project_copy / "params.yaml").read_bytes() == (
+        project_copy / "params" / "learn.yaml"
+    ).read_bytes()
+    assert "params.yaml now holds the 'learn' profile" in result.stdout
+
+
+def test_profile_with_invalid_params_is_refused(project_copy):
+    broken = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    broken["evolve"]["popsiz"] = 4
+    (project_copy / "params" / "broken.yaml").write_text(yaml.safe_dump(broken))
+    before = (project_copy / "params.yaml").read_bytes()
+    result = cli(project_copy, "profile", "broken")
+    assert result.returncode == 2
+    assert "evolve.popsiz: unknown key" in result.stderr
+    assert (project_copy / "params.yaml").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------ games
+def test_games_lists_ale_roms(tmp_path):
+    (tmp_path / "dvc.yaml").touch()
+    result = cli(tmp_path, "games")
+    assert result.returncode == 0, result.stderr
+    games = result.stdout.split()
+    assert "pong" in games and "breakout" in games and "ms_pacman" in games
+    assert games == sorted(games)
+    assert games == list(ale_games())
