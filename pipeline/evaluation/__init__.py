@@ -1,0 +1,1 @@
+"""Evaluation of evolved losses and meta-learned Atari agents."""

@@ -1,0 +1,332 @@
+"""The evaluate stage: held-out/OOD EPG evaluation, no-op Atari scores, plots, report, promotion."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import tracking
+from ..config import PipelineConfig, params_hash, section_dict
+from ..epg.evolve import load_tasks
+from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
+from ..plots import bar_plot, line_plot
+from .atari_eval import evaluate_agents
+from .epg_eval import evaluate_loss, load_loss
+from .promotion import decide_promotion
+from .report import METHOD_LABELS, VARIANT_LABELS, render_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """Inputs and outputs of the stage, all under one root (the project root under DVC)."""
+
+    root: Path
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "data/prepared/tasks.json"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "data/prepared/atari_scores.json"
+
+    @property
+    def metagrad_models(self) -> Path:
+        return self.root / "models/metagrad"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+
+def discover_agents(models_dir: Path) -> dict[str, dict[str, Path]]:
+    """``models/metagrad/<game>/<variant>.pt`` -> {game: {variant: path}}, baseline first."""
+    agents: dict[str, dict[str, Path]] = {}
+    for path in sorted(models_dir.glob("*/*.pt")):
+        agents.setdefault(path.parent.name, {})[path.stem] = path
+    order = list(VARIANT_LABELS)
+    return {
+        game: dict(sorted(variants.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+        for game, variants in agents.items()
+    }
+
+
+def current_champion(model_name: str, alias: str, root: Path) -> tuple[str, dict] | None:
+    """(version, loss) holding ``alias``, or None."""
+    try:
+        version = tracking.resolve_version(model_name, alias, root)
+    except Exception:  # no registered model or no such alias yet
+        return None
+    loss = torch_load(tracking.download_loss(f"models:/{model_name}/{version.version}", root))
+    return str(version.version), loss
+
+
+def stage_run_ids(metrics_dir: Path) -> dict[str, str]:
+    ids = {}
+    for stage in ("prepare", "evolve", "metagrad"):
+        path = metrics_dir / f"{stage}.json"
+        if path.exists():
+            ids[stage] = read_json(path).get("mlflow_run_id", "–")
+    return ids
+
+
+def run_evaluate(config: PipelineConfig, paths: EvaluatePaths) -> dict:
+    cfg = config.evaluate
+    section = section_dict(config, "evaluate")
+    model_name = config.tracking.registered_model
+    with tracking.StageRun(
+        "evaluate", section, params_hash(section), experiment=config.tracking.experiment
+    ) as run:
+        commit, _ = tracking.git_state()
+        results: dict = {
+            "seed": config.seed,
+            "pipeline_run_id": tracking.pipeline_run_id(),
+            "git_commit": commit,
+        }
+        # ------------------------------------------------------------ evolved loss
+        loss, version = load_loss(cfg.epg.loss, paths.root)
+        evolve_metrics_path = paths.metrics_dir / "evolve.json"
+        evolve_metrics = read_json(evolve_metrics_path) if evolve_metrics_path.exists() else {}
+        if version is None:
+            version = evolve_metrics.get("registered_version")
+        splits = load_tasks(paths.tasks, loss["family"])
+        champion = current_champion(model_name, cfg.promotion.alias, paths.root)
+        extra = {}
+        if champion and champion[0] != version and _compatible(champion[1], loss):
+            extra["champion"] = champion[1]["phi"].float()  # same lifetimes: a paired comparison
+        epg = evaluate_loss(loss, splits, cfg.epg, config.seed, extra)
+        results["epg"] = epg
+        results["loss"] = {
+            "reference": cfg.epg.loss,
+            "version": version,
+            "generation": loss.get("generation"),
+            "fitness": loss.get("fitness"),
+            "generations": evolve_metrics.get("generations"),
+        }
+        results["promotion"] = promote(run, epg, version, champion, cfg, model_name, paths.root)
+        # ------------------------------------------------------------ Atari agents
+        agents = discover_agents(paths.metagrad_models)
+        if agents:
+            results["atari"] = evaluate_agents(
+                agents, read_json(paths.scores), cfg.atari, config.seed, cfg.epg.confidence
+            )
+        # ------------------------------------------------------------ outputs
+        figures = write_plots(results, paths)
+        results["figures"] = {
+            title: path.relative_to(paths.reports_dir).as_posix() for title, path in figures.items()
+        }
+        results["run_ids"] = {**stage_run_ids(paths.metrics_dir), "evaluate": run.run_id}
+        results["params"] = config.model_dump(mode="json", by_alias=True)
+        report = write_text(paths.reports_dir / "report.md", render_report(results))
+        metrics = summary_metrics(results, run.run_id)
+        write_json(paths.metrics_dir / "evaluate.json", metrics)
+        run.log_metrics(_flat_numbers(metrics))
+        run.log_artifact(report, artifact_path="report")
+        for path in figures.values():
+            run.log_artifact(path, artifact_path="report")
+        run.log_artifact(paths.plots_dir / "evaluate", artifact_path="plots")
+        log.info("report: %s", report)
+        return metrics
+
+
+def _compatible(a: dict, b: dict) -> bool:
+    return (
+        a.get("family") == b.get("family")
+        and a.get("input_dim") == b.get("input_dim")
+        and (a.get("loss_net") == b.get("loss_net"))
+    )
+
+
+def promote(run, epg: dict, version: str | None, champion, cfg, model_name: str, root: Path) -> dict:
+    """Tag the evaluated version with its returns; move the alias only if its held-out return is better."""
+    test = epg["splits"].get("test", {})
+    heldout = test.get("evolved", {}).get("mean", math.nan)
+    ood = epg["splits"].get("ood", {}).get("evolved", {}).get("mean", math.nan)
+    if champion is None or champion[0] == version:
+        champion_return = None
+        champion_version = champion[0] if champion else None
+    else:
+        champion_version = champion[0]
+        if "champion" in test:  # evaluated on the very same lifetimes
+            champion_return = test["champion"]["mean"]
+        else:  # another family or architecture: fall back to the return it was tagged with
+            tagged = next(
+                (
+                    r["tags"]
+                    for r in tracking.list_versions(model_name, root)
+                    if r["version"] == champion_version
+                ),
+                {},
+            )
+            champion_return = float(tagged["heldout_return"]) if "heldout_return" in tagged else None
+    outcome = {
+        "version": version,
+        "heldout_return": heldout,
+        "ood_return": ood,
+        "champion_version": champion_version,
+        "champion_heldout_return": champion_return,
+        "promoted": False,
+        "alias": cfg.promotion.alias,
+    }
+    if version is None:
+        outcome["summary"] = "the evaluated loss is not a registry version; nothing to promote"
+        return outcome
+    tracking.set_version_tags(
+        model_name,
+        version,
+        {"heldout_return": f"{heldout:.6g}", "ood_return": f"{ood:.6g}", "evaluate_run_id": run.run_id},
+        root,
+    )
+    if not cfg.promotion.enabled:
+        outcome["summary"] = f"version {version} tagged with its returns; promotion is disabled"
+        return outcome
+    if champion is not None and champion[0] == version:
+        outcome["promoted"] = True
+        outcome["summary"] = f"version {version} already holds alias {cfg.promotion.alias!r}"
+        return outcome
+    decision = decide_promotion(heldout, champion_return)
+    if decision.promote:
+        tracking.set_alias(model_name, version, cfg.promotion.alias, root)
+    outcome["promoted"] = decision.promote
+    verb = "moved to" if decision.promote else "stays off"
+    outcome["summary"] = f"alias {cfg.promotion.alias!r} {verb} version {version}: {decision.reason}" + (
+        f" (champion was version {champion_version})" if champion_version else ""
+    )
+    run.set_tags({"promotion.decision": outcome["summary"], "promotion.promoted": decision.promote})
+    log.info(outcome["summary"])
+    return outcome
+
+
+def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
+    """CSV series for DVC plots and PNGs for the report (offline: no CDN needed)."""
+    figures: dict[str, Path] = {}
+    plots, reports = paths.plots_dir / "evaluate", paths.reports_dir
+    for split, methods in results["epg"]["splits"].items():
+        steps = [row["env_steps"] for row in next(iter(methods.values()))["curve"]]
+        rows = [{"env_steps": s} for s in steps]
+        for method, summary in methods.items():
+            for row, point in zip(rows, summary["curve"], strict=True):
+                row.update(
+                    {
+                        f"{method}_mean": point["mean"],
+                        f"{method}_low": point["low"],
+                        f"{method}_high": point["high"],
+                    }
+                )
+        write_csv(plots / f"curves_{split}.csv", rows)
+        figures[f"Learning curves, {split} tasks"] = line_plot(
+            reports / f"curves_{split}.png",
+            {
+                METHOD_LABELS.get(m, m): (
+                    [p["env_steps"] for p in s["curve"]],
+                    [p["mean"] for p in s["curve"]],
+                )
+                for m, s in methods.items()
+            },
+            bands={
+                METHOD_LABELS.get(m, m): ([p["low"] for p in s["curve"]], [p["high"] for p in s["curve"]])
+                for m, s in methods.items()
+            },
+            xlabel="env steps in the lifetime",
+            ylabel="episode return",
+            title=f"{results['epg']['family']}: training fresh policies ({split} tasks)",
+        )
+    fitness_csv = paths.plots_dir / "evolve/fitness.csv"
+    if fitness_csv.exists():
+        rows = read_csv(fitness_csv)
+        generations = [int(r["generation"]) for r in rows]
+        figures["EPG fitness over generations"] = line_plot(
+            reports / "fitness.png",
+            {
+                name: (generations, [float(r[name]) for r in rows])
+                for name in ("mean", "center", "best_so_far")
+            },
+            xlabel="generation",
+            ylabel="fitness",
+            title="EPG: fitness of the evolved loss",
+        )
+    atari = results.get("atari")
+    if atari:
+        hns_rows = [
+            {"game": game, "variant": variant, "mean_score": row["mean_score"], "hns": row["hns"]}
+            for game, variants in atari["games"].items()
+            for variant, row in variants.items()
+        ]
+        write_csv(plots / "hns.csv", hns_rows)
+        figures["Human-normalised score per game and variant"] = bar_plot(
+            reports / "hns.png",
+            {
+                game: {VARIANT_LABELS.get(v, v): 100 * row["hns"] for v, row in variants.items()}
+                for game, variants in atari["games"].items()
+            },
+            ylabel="human-normalised score (%)",
+            title="No-op-start evaluation",
+        )
+        for game in atari["games"]:
+            for name in ("gamma", "lambda"):
+                series = {}
+                for csv_path in sorted((paths.plots_dir / "metagrad").glob(f"eta_{game}_*.csv")):
+                    variant = csv_path.stem.removeprefix(f"eta_{game}_")
+                    rows = read_csv(csv_path)
+                    series[VARIANT_LABELS.get(variant, variant)] = (
+                        [int(r["frames"]) for r in rows],
+                        [float(r[name]) for r in rows],
+                    )
+                if series:
+                    figures[f"{game}: {name} during training"] = line_plot(
+                        reports / f"{name}_{game}.png",
+                        series,
+                        xlabel="frames",
+                        ylabel=name,
+                        title=f"{game}: {name} vs frames",
+                    )
+    return figures
+
+
+def summary_metrics(results: dict, run_id: str) -> dict:
+    """The DVC metrics: final returns with CIs, per-game scores and HNS, median HNS, promotion."""
+    metrics: dict = {"epg": {}}
+    for split, methods in results["epg"]["splits"].items():
+        metrics["epg"][split] = {
+            method: {k: summary[k] for k in ("mean", "ci_low", "ci_high", "lifetimes", "nonfinite_lifetimes")}
+            for method, summary in methods.items()
+        }
+    atari = results.get("atari")
+    if atari:
+        metrics["atari"] = {
+            game: {
+                variant: {k: row[k] for k in ("mean_score", "ci_low", "ci_high", "hns", "gamma", "lambda")}
+                for variant, row in variants.items()
+            }
+            for game, variants in atari["games"].items()
+        }
+        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari["hns"].items()}
+        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari["hns"].items()}
+    metrics["promotion"] = {k: v for k, v in results["promotion"].items()}
+    metrics["mlflow_run_id"] = run_id
+    return metrics
+
+
+def _flat_numbers(data: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_numbers(value, f"{name}."))
+        elif isinstance(value, bool):
+            flat[name] = float(value)
+        elif isinstance(value, (int, float)) and value is not None:
+            flat[name] = float(value)
+    return flat
