@@ -1,0 +1,194 @@
+"""Tests for pipeline.envs.atari: the ALE vector-env stepper and the evaluation no-op starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import AtariEnvConfig, check_game
+from pipeline.envs.atari import AtariStepper, NoopStarts
+
+# One C++ worker thread per vector env: the tests are small, and the machine may be busy.
+ENV = AtariEnvConfig(env_threads=1)
+ENV_NO_NOOPS = AtariEnvConfig(env_threads=1, noop_max=0)
+
+
+def random_actions(rng: np.random.Generator, stepper: AtariStepper) -> np.ndarray:
+    return rng.integers(0, stepper.num_actions, size=stepper.num_envs)
+
+
+@pytest.fixture
+def make_stepper():
+    """AtariStepper factory whose environments are closed after the test."""
+    steppers: list[AtariStepper] = []
+
+    def make(game: str, num_envs: int, env_config: AtariEnvConfig = ENV, **kwargs) -> AtariStepper:
+        stepper = AtariStepper(game, num_envs, env_config, seed=kwargs.pop("seed", 0), **kwargs)
+        steppers.append(stepper)
+        return stepper
+
+    yield make
+    for stepper in steppers:
+        stepper.close()
+
+
+# --------------------------------------------------------------------------------------------- AtariStepper
+def test_pong_observations_actions_and_frame_counter(make_stepper):
+    stepper = make_stepper("pong", 2)
+    assert stepper.num_actions == 6  # pong's minimal action set
+    obs = stepper.reset()
+    assert obs.dtype == np.uint8
+    assert obs.shape == (2, 4, 84, 84)
+    assert stepper.frames == 0
+
+    rng = np.random.default_rng(0)
+    steps = 25
+    for _ in range(steps):
+        result = stepper.step(random_actions(rng, stepper))
+        assert result.obs.dtype == np.uint8
+        assert result.obs.shape == (2, 4, 84, 84)
+        for name in ("reward", "clipped_reward", "learn_done", "game_over"):
+            assert getattr(result, name).shape == (2,), name
+        assert result.reward.dtype == np.float32
+        assert result.learn_done.dtype == bool and result.game_over.dtype == bool
+    # every agent step is frameskip (4) emulator frames in each of the N envs
+    assert stepper.frames == steps * 2 * 4
+    # the frames are not blank: the stack holds a real screen
+    assert result.obs.max() > result.obs.min()
+
+
+def test_raw_rewards_are_reported_and_clipped_rewards_are_learned(make_stepper):
+    """Space Invaders scores 5..30 per alien: the raw/clipped bookkeeping is visible.
+
+    Games are cut by the frame cap (1000 frames = 250 agent steps), so several end in a short run;
+    finished_returns must be the raw sums of exactly the rewards of the game that ended.
+    """
+    max_frames = 1000
+    stepper = make_stepper("space_invaders", 2, ENV_NO_NOOPS, max_episode_frames=max_frames)
+    stepper.reset()
+    rng = np.random.default_rng(1)
+    firing = np.array([1, 4, 5])  # FIRE, RIGHTFIRE, LEFTFIRE: random play that scores
+    raw_sums = np.zeros(2)
+    clipped_sums = np.zeros(2)
+    finished, finished_clipped, largest_reward = [], [], 0.0
+    for _ in range(510):
+        result = stepper.step(rng.choice(firing, size=2))
+        np.testing.assert_array_equal(result.clipped_reward, np.clip(result.reward, -1.0, 1.0))
+        largest_reward = max(largest_reward, float(np.abs(result.reward).max()))
+        raw_sums += result.reward
+        clipped_sums += result.clipped_reward
+        over = result.game_over
+        # finished games are reported in env order, with their raw return
+        np.testing.assert_allclose(result.finished_returns, raw_sums[over])
+        assert len(result.finished_lengths) == over.sum()
+        assert np.all(result.learn_done[over]), "a finished game is terminal for learning too"
+        finished.extend(raw_sums[over])
+        finished_clipped.extend(clipped_sums[over])
+        if over.any():
+            # without ALE no-ops a game cut by the cap lasts exactly max_frames frames
+            np.testing.assert_array_equal(result.finished_lengths, max_frames)
+        raw_sums[over] = 0.0
+        clipped_sums[over] = 0.0
+
+    assert largest_reward > 1.0, "the test needs rewards beyond the clip range"
+    assert len(finished) >= 4  # 2 envs x 2 capped games each
+    # the reported returns are raw scores, not the clipped ones the learner sees
+    assert any(raw > clipped for raw, clipped in zip(finished, finished_clipped, strict=True))
+    assert all(raw % 5 == 0 for raw in finished)  # Space Invaders scores are multiples of 5
+
+
+def test_lost_life_is_terminal_for_learning_but_not_game_over(make_stepper):
+    """Breakout has 5 lives: a lost life sets learn_done only; game_over comes with the last life."""
+    stepper = make_stepper("breakout", 2)
+    stepper.reset()
+    np.testing.assert_array_equal(stepper._lives, 5)
+    rng = np.random.default_rng(2)
+    life_losses = games_over = 0
+    for _ in range(500):
+        lives_before = stepper._lives.copy()
+        result = stepper.step(random_actions(rng, stepper))
+        lives_after = stepper._lives
+        lost = (lives_after < lives_before) & ~result.game_over
+        np.testing.assert_array_equal(result.learn_done, lost | result.game_over)
+        # a game never ends before its last life (random play cannot reach the 108 000-frame cap)
+        np.testing.assert_array_equal(lives_before[result.game_over], 1)
+        # a new game starts with all lives again (same-step auto-reset)
+        np.testing.assert_array_equal(lives_after[result.game_over], 5)
+        life_losses += int(lost.sum())
+        games_over += int(result.game_over.sum())
+    assert life_losses >= 4 * games_over and life_losses > 0
+    assert games_over >= 1
+
+
+def test_same_seed_same_frames(make_stepper):
+    first = make_stepper("pong", 2, seed=3)
+    second = make_stepper("pong", 2, seed=3)
+    np.testing.assert_array_equal(first.reset(), second.reset())
+    actions = np.array([2, 3])
+    for _ in range(5):
+        np.testing.assert_array_equal(first.step(actions).obs, second.step(actions).obs)
+
+
+# --------------------------------------------------------------------------------------------- NoopStarts
+def test_noop_counts_are_in_range_and_seeded():
+    starts = NoopStarts(2000, noop_max=30, seed=0)
+    counts = starts.remaining
+    assert counts.min() == 1 and counts.max() == 30  # U{1, ..., noop_max}, both ends reachable
+    assert list(counts) == starts.history
+    np.testing.assert_array_equal(NoopStarts(2000, 30, seed=0).remaining, counts)
+    assert not np.array_equal(NoopStarts(2000, 30, seed=1).remaining, counts)
+
+
+def test_noop_max_must_be_positive():
+    with pytest.raises(ValueError, match="noop_max"):
+        NoopStarts(2, noop_max=0, seed=0)
+
+
+def test_apply_replaces_actions_with_noop_while_noops_remain():
+    starts = NoopStarts(4, noop_max=6, seed=5)
+    counts = starts.remaining.copy()
+    policy = np.array([1, 2, 3, 4])
+    for step in range(counts.max() + 3):
+        actions = starts.apply(policy)
+        expected = np.where(step < counts, 0, policy)
+        np.testing.assert_array_equal(actions, expected, err_msg=f"step {step}")
+    np.testing.assert_array_equal(starts.remaining, 0)
+
+
+def test_new_games_draw_fresh_counts_only_for_finished_envs():
+    noop_max, seed = 8, 11
+    starts = NoopStarts(3, noop_max=noop_max, seed=seed)
+    reference = np.random.default_rng(seed)
+    initial = reference.integers(1, noop_max + 1, size=3)
+    np.testing.assert_array_equal(starts.remaining, initial)
+
+    for _ in range(noop_max):
+        starts.apply(np.array([5, 5, 5]))
+    np.testing.assert_array_equal(starts.remaining, 0)
+
+    starts.new_games(np.array([False, False, False]))
+    np.testing.assert_array_equal(starts.remaining, 0)
+    assert len(starts.history) == 3
+
+    starts.new_games(np.array([True, False, True]))
+    fresh = reference.integers(1, noop_max + 1, size=2)  # the next two draws of the same stream
+    np.testing.assert_array_equal(starts.remaining, [fresh[0], 0, fresh[1]])
+    assert starts.history == [*initial.tolist(), *fresh.tolist()]
+    # only the restarted envs take no-ops again
+    actions = starts.apply(np.array([5, 6, 7]))
+    np.testing.assert_array_equal(actions, [0, 6, 0])
+
+
+# --------------------------------------------------------------------------------------------- game names
+def test_unknown_game_names_close_matches():
+    assert check_game("pong") == "pong"
+    with pytest.raises(ValueError, match="pong") as info:
+        check_game("pongg")
+    assert "did you mean" in str(info.value)
+    with pytest.raises(ValueError, match="no close match"):
+        check_game("zzzzzzzz")
+
+
+def test_stepper_rejects_unknown_game():
+    with pytest.raises(ValueError, match="breakout"):
+        AtariStepper("breakoutt", 2, ENV, seed=0)
