@@ -104,8 +104,9 @@ def reference_lambda_returns(rewards, discounts, values, bootstrap_value, lambda
     return result
 
 
-def reference_vtrace(log_rhos, discounts, rewards, values, bootstrap_value, lambdas, clip_rho, clip_c,
-                     clip_pg_rho):
+def reference_vtrace(
+    log_rhos, discounts, rewards, values, bootstrap_value, lambdas, clip_rho, clip_c, clip_pg_rho
+):
     """V-trace via the explicit sum of Espeholt et al. (2018), eq. (1), with per-step discounts and lambda:
 
     ``v_s = V(x_s) + sum_{t=s}^{T-1} (prod_{i=s}^{t-1} d_i c_i) rho_t (r_t + d_t V(x_{t+1}) - V(x_t))``.
@@ -162,28 +163,45 @@ def test_lambda_returns_matches_n_step_mixture_reference(shape, seed, lambda_kin
     )
 
     expected = reference_lambda_returns(
-        as_lists(traj["rewards"]), as_lists(traj["discounts"]), as_lists(traj["values"]),
-        as_lists(traj["bootstrap_value"]), as_lists(full_lambdas),
+        as_lists(traj["rewards"]),
+        as_lists(traj["discounts"]),
+        as_lists(traj["values"]),
+        as_lists(traj["bootstrap_value"]),
+        as_lists(full_lambdas),
     )
     assert actual.shape == shape
     assert_close_to_lists(actual, expected)
 
 
 @FAST
-@given(shape=shapes, seed=seeds, lambda_kind=lambda_kinds, clip_rho=clips, clip_c=clips,
-       clip_pg_rho=clips)
+@given(shape=shapes, seed=seeds, lambda_kind=lambda_kinds, clip_rho=clips, clip_c=clips, clip_pg_rho=clips)
 def test_vtrace_matches_explicit_sum_reference(shape, seed, lambda_kind, clip_rho, clip_c, clip_pg_rho):
     traj = make_trajectory(*shape, seed)
     lambda_ = make_lambda(lambda_kind, traj["lambdas"])
     full_lambdas = torch.as_tensor(lambda_, dtype=DTYPE).expand(shape)
 
-    actual = vtrace(traj["log_rhos"], traj["discounts"], traj["rewards"], traj["values"],
-                    traj["bootstrap_value"], lambda_, clip_rho, clip_c, clip_pg_rho)
+    actual = vtrace(
+        traj["log_rhos"],
+        traj["discounts"],
+        traj["rewards"],
+        traj["values"],
+        traj["bootstrap_value"],
+        lambda_,
+        clip_rho,
+        clip_c,
+        clip_pg_rho,
+    )
 
     expected_vs, expected_pg = reference_vtrace(
-        as_lists(traj["log_rhos"]), as_lists(traj["discounts"]), as_lists(traj["rewards"]),
-        as_lists(traj["values"]), as_lists(traj["bootstrap_value"]), as_lists(full_lambdas),
-        clip_rho, clip_c, clip_pg_rho,
+        as_lists(traj["log_rhos"]),
+        as_lists(traj["discounts"]),
+        as_lists(traj["rewards"]),
+        as_lists(traj["values"]),
+        as_lists(traj["bootstrap_value"]),
+        as_lists(full_lambdas),
+        clip_rho,
+        clip_c,
+        clip_pg_rho,
     )
     assert isinstance(actual, VTraceReturns)
     assert actual.vs.shape == shape and actual.pg_advantages.shape == shape
@@ -203,16 +221,26 @@ def test_on_policy_vtrace_equals_lambda_returns(shape, seed, lambda_kind, clip):
     lambda_ = make_lambda(lambda_kind, traj["lambdas"])
     on_policy = torch.zeros(shape, dtype=DTYPE)
 
-    result = vtrace(on_policy, traj["discounts"], traj["rewards"], traj["values"], traj["bootstrap_value"],
-                    lambda_, clip_rho=clip, clip_c=clip)
-    returns = lambda_returns(traj["rewards"], traj["discounts"], traj["values"], traj["bootstrap_value"],
-                             lambda_)
+    result = vtrace(
+        on_policy,
+        traj["discounts"],
+        traj["rewards"],
+        traj["values"],
+        traj["bootstrap_value"],
+        lambda_,
+        clip_rho=clip,
+        clip_c=clip,
+    )
+    returns = lambda_returns(
+        traj["rewards"], traj["discounts"], traj["values"], traj["bootstrap_value"], lambda_
+    )
 
     torch.testing.assert_close(result.vs, returns)
     # On-policy the advantage is the one-step target built on the next V-trace target.
     next_returns = torch.cat([returns[1:], traj["bootstrap_value"][None]])
-    torch.testing.assert_close(result.pg_advantages,
-                               traj["rewards"] + traj["discounts"] * next_returns - traj["values"])
+    torch.testing.assert_close(
+        result.pg_advantages, traj["rewards"] + traj["discounts"] * next_returns - traj["values"]
+    )
 
 
 @FAST
@@ -284,8 +312,16 @@ def test_vtrace_gradcheck_rewards_discounts_lambda(lambda_kind):
     inputs = (leaf(traj["rewards"]), leaf(traj["discounts"]), lambda_)
 
     def fn(rewards, discounts, lambda_):
-        result = vtrace(traj["log_rhos"], discounts, rewards, traj["values"], traj["bootstrap_value"],
-                        lambda_, clip_rho=1.0, clip_c=1.0)
+        result = vtrace(
+            traj["log_rhos"],
+            discounts,
+            rewards,
+            traj["values"],
+            traj["bootstrap_value"],
+            lambda_,
+            clip_rho=1.0,
+            clip_c=1.0,
+        )
         return result.vs, result.pg_advantages
 
     assert torch.autograd.gradcheck(fn, inputs)
@@ -300,12 +336,24 @@ def test_meta_gradients_through_learned_gamma_and_scalar_lambda():
     lambda_ = torch.tensor(0.8, dtype=DTYPE, requires_grad=True)
 
     def returns_fn(gamma, lambda_):
-        return lambda_returns(traj["rewards"], gamma * (1 - done), traj["values"], traj["bootstrap_value"],
-                              lambda_, stop_value_gradients=True)
+        return lambda_returns(
+            traj["rewards"],
+            gamma * (1 - done),
+            traj["values"],
+            traj["bootstrap_value"],
+            lambda_,
+            stop_value_gradients=True,
+        )
 
     def vtrace_fn(gamma, lambda_):
-        result = vtrace(traj["log_rhos"], gamma * (1 - done), traj["rewards"], traj["values"],
-                        traj["bootstrap_value"], lambda_)
+        result = vtrace(
+            traj["log_rhos"],
+            gamma * (1 - done),
+            traj["rewards"],
+            traj["values"],
+            traj["bootstrap_value"],
+            lambda_,
+        )
         return result.vs, result.pg_advantages
 
     assert torch.autograd.gradcheck(returns_fn, (gamma, lambda_))
@@ -317,8 +365,9 @@ def test_lambda_returns_value_gradients_when_not_stopped():
     inputs = (leaf(traj["values"]), leaf(traj["bootstrap_value"]))
 
     def fn(values, bootstrap_value):
-        return lambda_returns(traj["rewards"], traj["discounts"], values, bootstrap_value, 0.6,
-                              stop_value_gradients=False)
+        return lambda_returns(
+            traj["rewards"], traj["discounts"], values, bootstrap_value, 0.6, stop_value_gradients=False
+        )
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -328,8 +377,15 @@ def test_vtrace_value_gradients_when_not_stopped():
     inputs = (leaf(traj["values"]), leaf(traj["bootstrap_value"]))
 
     def fn(values, bootstrap_value):
-        result = vtrace(traj["log_rhos"], traj["discounts"], traj["rewards"], values, bootstrap_value, 0.6,
-                        stop_value_gradients=False)
+        result = vtrace(
+            traj["log_rhos"],
+            traj["discounts"],
+            traj["rewards"],
+            values,
+            bootstrap_value,
+            0.6,
+            stop_value_gradients=False,
+        )
         return result.vs, result.pg_advantages
 
     assert torch.autograd.gradcheck(fn, inputs)
@@ -371,8 +427,15 @@ def test_vtrace_stop_value_gradients_and_log_rhos_never_get_gradient(stop_value_
     log_rhos, rewards = leaf(traj["log_rhos"]), leaf(traj["rewards"])
     values, bootstrap_value = leaf(traj["values"]), leaf(traj["bootstrap_value"])
 
-    result = vtrace(log_rhos, traj["discounts"], rewards, values, bootstrap_value, 0.9,
-                    stop_value_gradients=stop_value_gradients)
+    result = vtrace(
+        log_rhos,
+        traj["discounts"],
+        rewards,
+        values,
+        bootstrap_value,
+        0.9,
+        stop_value_gradients=stop_value_gradients,
+    )
     (result.vs.sum() + result.pg_advantages.sum()).backward()
 
     assert_no_gradient(log_rhos)
@@ -402,15 +465,22 @@ T, B = 4, 3
 
 def good_returns_args() -> dict:
     return {
-        "rewards": torch.zeros(T, B), "discounts": torch.ones(T, B), "values": torch.zeros(T, B),
-        "bootstrap_value": torch.zeros(B), "lambda_": 0.9,
+        "rewards": torch.zeros(T, B),
+        "discounts": torch.ones(T, B),
+        "values": torch.zeros(T, B),
+        "bootstrap_value": torch.zeros(B),
+        "lambda_": 0.9,
     }
 
 
 def good_vtrace_args() -> dict:
     return {
-        "log_rhos": torch.zeros(T, B), "discounts": torch.ones(T, B), "rewards": torch.zeros(T, B),
-        "values": torch.zeros(T, B), "bootstrap_value": torch.zeros(B), "lambda_": 0.9,
+        "log_rhos": torch.zeros(T, B),
+        "discounts": torch.ones(T, B),
+        "rewards": torch.zeros(T, B),
+        "values": torch.zeros(T, B),
+        "bootstrap_value": torch.zeros(B),
+        "lambda_": 0.9,
     }
 
 

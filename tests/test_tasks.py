@@ -279,8 +279,11 @@ def test_spaces_and_class_attributes():
 
 
 def test_unknown_family_or_split_raises():
-    for fn in (lambda: sample_tasks("ant", "train", 3, 0), lambda: task_param_ranges("ant"),
-               lambda: make_env("ant", _tasks("point_goal", 1))):
+    for fn in (
+        lambda: sample_tasks("ant", "train", 3, 0),
+        lambda: task_param_ranges("ant"),
+        lambda: make_env("ant", _tasks("point_goal", 1)),
+    ):
         with pytest.raises(ValueError, match="point_goal.*random_cartpole"):
             fn()
     with pytest.raises(ValueError, match="train.*test.*ood"):

@@ -78,8 +78,7 @@ class BatchedTaskEnv(ABC):
         self.dtype = dtype
         self.device = torch.device(device)
         params = {
-            k: torch.as_tensor(task_params[k], dtype=dtype, device=self.device)
-            for k in self.param_names
+            k: torch.as_tensor(task_params[k], dtype=dtype, device=self.device) for k in self.param_names
         }
         sizes = {tuple(v.shape) for v in params.values()}
         if len(sizes) != 1 or len(next(iter(sizes))) != 1:
@@ -233,10 +232,16 @@ class RandomCartPoleEnv(BatchedTaskEnv):
     param_names = ("gravity", "masscart", "masspole", "length")
     nominal_params = {"gravity": 9.8, "masscart": 1.0, "masspole": 0.1, "length": 0.5}
     train_ranges = {
-        "gravity": (8.0, 11.5), "masscart": (0.5, 1.5), "masspole": (0.05, 0.2), "length": (0.3, 0.7),
+        "gravity": (8.0, 11.5),
+        "masscart": (0.5, 1.5),
+        "masspole": (0.05, 0.2),
+        "length": (0.3, 0.7),
     }
     ood_ranges = {
-        "gravity": (11.5, 14.0), "masscart": (1.5, 2.5), "masspole": (0.2, 0.4), "length": (0.7, 1.2),
+        "gravity": (11.5, 14.0),
+        "masscart": (1.5, 2.5),
+        "masspole": (0.2, 0.4),
+        "length": (0.7, 1.2),
     }
 
     force_mag = 10.0

@@ -32,8 +32,18 @@ log = logging.getLogger(__name__)
 LOSS_FORMAT_VERSION = 1
 CHECKPOINT_FILE = "evolve.pt"
 FITNESS_COLUMNS = [
-    "generation", "mean", "median", "max", "min", "center", "best_so_far", "nonfinite", "sigma", "lr",
-    "alpha", "env_steps_per_second",
+    "generation",
+    "mean",
+    "median",
+    "max",
+    "min",
+    "center",
+    "best_so_far",
+    "nonfinite",
+    "sigma",
+    "lr",
+    "alpha",
+    "env_steps_per_second",
 ]
 
 
@@ -75,7 +85,11 @@ def population_stats(fitness: torch.Tensor) -> dict[str, float]:
 
 
 def run_evolve(
-    config: PipelineConfig, tasks_path: Path, loss_path: Path, metrics_path: Path, plots_dir: Path,
+    config: PipelineConfig,
+    tasks_path: Path,
+    loss_path: Path,
+    metrics_path: Path,
+    plots_dir: Path,
     checkpoint_dir: Path,
 ) -> dict:
     evolve = config.evolve
@@ -126,8 +140,14 @@ def run_evolve(
                 },
             )
 
-        progress = tqdm(range(start, evolve.generations), desc="evolve", unit="gen", initial=start,
-                        total=evolve.generations, disable=None)
+        progress = tqdm(
+            range(start, evolve.generations),
+            desc="evolve",
+            unit="gen",
+            initial=start,
+            total=evolve.generations,
+            disable=None,
+        )
         try:
             for generation in progress:
                 lr = learning_rate(evolve, generation)
@@ -154,12 +174,23 @@ def run_evolve(
                     "env_steps_per_second": env_steps / seconds,
                 }
                 history.append(row)
-                run.log_metrics({f"fitness/{k}" if k in stats or k in ("center", "best_so_far") else k: v
-                                 for k, v in row.items() if k != "generation"}, step=generation)
+                run.log_metrics(
+                    {
+                        f"fitness/{k}" if k in stats or k in ("center", "best_so_far") else k: v
+                        for k, v in row.items()
+                        if k != "generation"
+                    },
+                    step=generation,
+                )
                 progress.set_postfix(center=f"{center:.1f}", best=f"{best['fitness']:.1f}", refresh=False)
                 log.info(
                     "generation %d: mean %.2f max %.2f center %.2f best %.2f (%.0f env steps/s)",
-                    generation, stats["mean"], stats["max"], center, best["fitness"], row["env_steps_per_second"],
+                    generation,
+                    stats["mean"],
+                    stats["max"],
+                    center,
+                    best["fitness"],
+                    row["env_steps_per_second"],
                 )
                 if (generation + 1) % evolve.checkpoint_every == 0:
                     save_checkpoint(generation + 1)

@@ -72,7 +72,9 @@ def loss_net_input_dim(family_env, spec: pol.PolicySpec, memory_units: int) -> i
 
 
 def policy_spec(env, config: InnerLoopConfig) -> pol.PolicySpec:
-    return pol.PolicySpec(env.obs_dim, env.action_dim, env.discrete, tuple(config.policy_hidden), config.init_log_std)
+    return pol.PolicySpec(
+        env.obs_dim, env.action_dim, env.discrete, tuple(config.policy_hidden), config.init_log_std
+    )
 
 
 def run_lifetimes(
@@ -142,7 +144,9 @@ def run_lifetimes(
     for step in range(config.lifetime_steps):
         with torch.no_grad():
             head = head_fn(policy, obs.unsqueeze(1)).squeeze(1)
-            noise = (torch.rand if spec.discrete else torch.randn)(workers, spec.action_dim, generator=generator)
+            noise = (torch.rand if spec.discrete else torch.randn)(
+                workers, spec.action_dim, generator=generator
+            )
             action = pol.sample(spec, head, per_worker(noise))
             result = env.step(
                 action.argmax(-1) if spec.discrete else action,
@@ -160,8 +164,22 @@ def run_lifetimes(
             for key in buffer:
                 buffer[key] = torch.cat([buffer[key][steps_per_update:], window[key]])
             dead |= _update(
-                config, loss, spec, generator, optimizer, policy, value, memory, buffer, window, obs,
-                head_fn, value_fn, epg_losses if loss.method == "epg" else None, lifetimes, members,
+                config,
+                loss,
+                spec,
+                generator,
+                optimizer,
+                policy,
+                value,
+                memory,
+                buffer,
+                window,
+                obs,
+                head_fn,
+                value_fn,
+                epg_losses if loss.method == "epg" else None,
+                lifetimes,
+                members,
                 workers,
             )
             curve.append(torch.where(episode_count > 0, episode_sum / episode_count.clamp_min(1), torch.nan))
@@ -174,7 +192,7 @@ def run_lifetimes(
     env_steps = lifetimes * config.lifetime_steps
     lifetime_returns = torch.where(total_count > 0, total_sum / total_count.clamp_min(1), torch.nan)
     final_returns = torch.full((lifetimes,), torch.nan)
-    if config.fitness == "final_episodes" or loss.method != "epg":
+    if config.fitness == "final_episodes":
         final_returns, extra_steps = _final_episodes(
             family, tasks, members, config.fitness_episodes, spec, policy, head_fn, generator
         )
@@ -197,8 +215,23 @@ def run_lifetimes(
 
 
 def _update(
-    config, loss, spec, generator, optimizer, policy, value, memory, buffer, window, next_obs,
-    head_fn, value_fn, epg_losses, lifetimes, members, workers,
+    config,
+    loss,
+    spec,
+    generator,
+    optimizer,
+    policy,
+    value,
+    memory,
+    buffer,
+    window,
+    next_obs,
+    head_fn,
+    value_fn,
+    epg_losses,
+    lifetimes,
+    members,
+    workers,
 ) -> torch.Tensor:
     """One update of every lifetime (one or more epochs of minibatch Adam steps over the last M steps).
     Returns the lifetimes whose loss or parameters went non-finite (their parameters are zeroed)."""
@@ -211,8 +244,12 @@ def _update(
             bootstrap = value_fn(value, next_obs.unsqueeze(1)).squeeze(-1).squeeze(-1)
             gae_lambda = 1.0 if loss.method == "pg" else config.ppo.gae_lambda
             returns = lambda_returns(
-                window["rew"], config.ppo.gamma * (1.0 - window["done"]), time_major(values), bootstrap,
-                gae_lambda, stop_value_gradients=True,
+                window["rew"],
+                config.ppo.gamma * (1.0 - window["done"]),
+                time_major(values),
+                bootstrap,
+                gae_lambda,
+                stop_value_gradients=True,
             )
             advantages = returns - time_major(values)
     bad = torch.zeros(lifetimes, dtype=torch.bool)
@@ -222,8 +259,16 @@ def _update(
             total = torch.zeros(lifetimes)
             if loss.method == "epg":
                 total = (1.0 - loss.alpha) * _evolved_loss(
-                    loss, spec, policy, memory, buffer, batch + buffer_size - steps_per_update, head_fn,
-                    epg_losses, members, workers,
+                    loss,
+                    spec,
+                    policy,
+                    memory,
+                    buffer,
+                    batch + buffer_size - steps_per_update,
+                    head_fn,
+                    epg_losses,
+                    members,
+                    workers,
                 )
             if loss.uses_value:
                 weight = loss.alpha if loss.method == "epg" else 1.0
@@ -251,7 +296,13 @@ def _evolved_loss(loss, spec, policy, memory, buffer, step_index, head_fn, epg_l
     obs = buffer["obs"].transpose(0, 1)  # [L, N, obs]
     heads = head_fn(policy, obs)  # with gradient: the loss differentiates through the policy
     lifetimes, steps = obs.shape[:2]
-    parts = [obs, buffer["act"].transpose(0, 1), buffer["rew"].T.unsqueeze(-1), buffer["done"].T.unsqueeze(-1), heads]
+    parts = [
+        obs,
+        buffer["act"].transpose(0, 1),
+        buffer["rew"].T.unsqueeze(-1),
+        buffer["done"].T.unsqueeze(-1),
+        heads,
+    ]
     if memory:
         units = torch.tanh(memory["w"] + memory["b"])  # W . 1 + b
         parts.append(units.unsqueeze(1).expand(-1, steps, -1))
@@ -260,7 +311,9 @@ def _evolved_loss(loss, spec, policy, memory, buffer, step_index, head_fn, epg_l
     return per_step.mean(-1).reshape(lifetimes)
 
 
-def _policy_gradient_loss(config, loss, spec, policy, value, window, batch, advantages, returns, head_fn, value_fn):
+def _policy_gradient_loss(
+    config, loss, spec, policy, value, window, batch, advantages, returns, head_fn, value_fn
+):
     """Clipped PPO (``ppo`` and the annealed term of ``epg``) or REINFORCE with baseline (``pg``), [L]."""
     obs = window["obs"][batch].transpose(0, 1)  # [L, b, obs]
     actions = window["act"][batch].transpose(0, 1)
@@ -294,7 +347,11 @@ def _final_episodes(family, tasks, members, episodes, spec, policy, head_fn, gen
         for _ in range(env.max_episode_steps):
             head = head_fn(policy, obs.reshape(lifetimes, episodes, -1)).reshape(lifetimes * episodes, -1)
             shape = (workers, episodes, spec.action_dim)
-            noise = torch.rand(shape, generator=generator) if spec.discrete else torch.randn(shape, generator=generator)
+            noise = (
+                torch.rand(shape, generator=generator)
+                if spec.discrete
+                else torch.randn(shape, generator=generator)
+            )
             action = pol.sample(spec, head, per_worker(noise))
             result = env.step(
                 action.argmax(-1) if spec.discrete else action,

@@ -44,7 +44,9 @@ class LossNetwork(nn.Module):
             channels = out
         self.temporal = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            nn.Linear(input_dim + channels, config.hidden), nn.LeakyReLU(LEAKY_SLOPE), nn.Linear(config.hidden, 1)
+            nn.Linear(input_dim + channels, config.hidden),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Linear(config.hidden, 1),
         )
         self.input_dim = input_dim
         self.context_dim = channels

@@ -188,7 +188,9 @@ class OpenAIES(PGPE):
             "population_evdata": None if population is None else population.access_evals().clone(),
             "first_iter": self._first_iter,
             "steps": self._steps_count,
-            "problem_generator": self.problem.generator.get_state() if self.problem.has_own_generator else None,
+            "problem_generator": self.problem.generator.get_state()
+            if self.problem.has_own_generator
+            else None,
         }
 
     def load_state(self, state: dict) -> None:

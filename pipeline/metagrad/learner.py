@@ -122,7 +122,7 @@ def logit(p: float) -> float:
 
 
 class MetaGradientLearner:
-    """The four variants of the paper in one code path: ``impala`` ({}), ``lambda``, ``gamma``, ``gamma_lambda``."""
+    """The paper's four variants, one code path: ``impala`` ({}), ``lambda``, ``gamma``, ``gamma_lambda``."""
 
     def __init__(self, config: MetagradConfig, variant: str, num_actions: int, total_updates: int, device):
         if variant not in METAGRAD_VARIANTS:
@@ -136,7 +136,9 @@ class MetaGradientLearner:
         self.optimizer = torch.optim.RMSprop(
             self.net.parameters(), lr=config.lr, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps
         )
-        decay = (lambda update: max(0.0, 1.0 - update / total_updates)) if config.lr_decay else (lambda _: 1.0)
+        decay = (
+            (lambda update: max(0.0, 1.0 - update / total_updates)) if config.lr_decay else (lambda _: 1.0)
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         meta = config.meta
         # eta as logits; the entries that are not meta-learned simply never receive an Adam step.
@@ -158,7 +160,9 @@ class MetaGradientLearner:
         """(gamma, lambda); learned entries are sigmoids of the logits (with graph), others fixed."""
         sig = torch.sigmoid(self.eta_logits)
         gamma = sig[0] if "gamma" in self.learned else torch.tensor(self.config.gamma, device=self.device)
-        lambda_ = sig[1] if "lambda" in self.learned else torch.tensor(self.config.lambda_, device=self.device)
+        lambda_ = (
+            sig[1] if "lambda" in self.learned else torch.tensor(self.config.lambda_, device=self.device)
+        )
         return torch.stack([gamma, lambda_])
 
     # ------------------------------------------------------------------ updates
@@ -184,7 +188,9 @@ class MetaGradientLearner:
         params = dict(self.net.named_parameters())
         # The naive meta-gradient differentiates through this update later, so its graph must hold a
         # copy of theta that the optimizer's in-place step below does not touch.
-        theta = {name: p.detach().clone().requires_grad_() for name, p in params.items()} if keep_graph else None
+        theta = (
+            {name: p.detach().clone().requires_grad_() for name, p in params.items()} if keep_graph else None
+        )
         outputs = policy_outputs(self.net, theta, rollout, eta_input, features)
         targets = vtrace_targets(rollout, outputs, eta[0], eta[1], config.clip_rho, config.clip_c)
         if not keep_graph:
@@ -209,7 +215,8 @@ class MetaGradientLearner:
             if keep_graph:
                 # theta' as a differentiable function of eta; numerically equal to the new parameters.
                 new_params = {
-                    name: theta[name].detach() - scale[name] * g for (name, g) in zip(params, grads, strict=True)
+                    name: theta[name].detach() - scale[name] * g
+                    for (name, g) in zip(params, grads, strict=True)
                 }
                 self._pending = {"new_params": new_params}
             else:
@@ -269,7 +276,9 @@ class MetaGradientLearner:
         (log_probs, values), (w, z) = jvp(log_probs_and_values, (pending["old_params"],), (tangents,))
         old_outputs = PolicyOutputs(log_probs, torch.zeros_like(log_probs), values)
         eta = self.eta()
-        targets = vtrace_targets(rollout, old_outputs, eta[0], eta[1], self.config.clip_rho, self.config.clip_c)
+        targets = vtrace_targets(
+            rollout, old_outputs, eta[0], eta[1], self.config.clip_rho, self.config.clip_c
+        )
         surrogate = (targets.pg_advantages * w.detach()).sum() + self.config.baseline_cost * (
             targets.vs * z[:-1].detach()
         ).sum()

@@ -47,7 +47,12 @@ def run_metagrad(
                 results.setdefault(game, {})[variant] = result
                 log.info(
                     "%s/%s: %d frames, last-10 return %s, gamma %.4f, lambda %.3f, %.0f frames/s",
-                    game, variant, result.frames, result.final_return, result.gamma, result.lambda_,
+                    game,
+                    variant,
+                    result.frames,
+                    result.final_return,
+                    result.gamma,
+                    result.lambda_,
                     result.frames_per_second,
                 )
         for path in write_curves(results, plots_dir):
@@ -81,7 +86,10 @@ def write_curves(results: dict[str, dict[str, VariantResult]], plots_dir: Path) 
             paths.append(
                 write_csv(
                     plots_dir / f"returns_{game}_{variant}.csv",
-                    [{"frames": f, "episode_return": v} for f, v in zip(h.episode_frames, h.episode_returns)],
+                    [
+                        {"frames": f, "episode_return": v}
+                        for f, v in zip(h.episode_frames, h.episode_returns, strict=True)
+                    ],
                     fieldnames=["frames", "episode_return"],
                 )
             )
@@ -90,7 +98,7 @@ def write_curves(results: dict[str, dict[str, VariantResult]], plots_dir: Path) 
                     plots_dir / f"eta_{game}_{variant}.csv",
                     [
                         {"frames": f, "gamma": g, "lambda": lam}
-                        for f, g, lam in zip(h.update_frames, h.gammas, h.lambdas)
+                        for f, g, lam in zip(h.update_frames, h.gammas, h.lambdas, strict=True)
                     ],
                     fieldnames=["frames", "gamma", "lambda"],
                 )
@@ -111,7 +119,10 @@ def write_curves(results: dict[str, dict[str, VariantResult]], plots_dir: Path) 
             paths.append(
                 line_plot(
                     plots_dir / f"{name}_{game}.png",
-                    {v: (r.history.update_frames, getattr(r.history, attribute)) for v, r in variants.items()},
+                    {
+                        v: (r.history.update_frames, getattr(r.history, attribute))
+                        for v, r in variants.items()
+                    },
                     xlabel="frames",
                     ylabel=name,
                     title=f"{game}: {name} vs frames",

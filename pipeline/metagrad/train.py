@@ -162,8 +162,13 @@ def train_variant(
     actor = Actor(stepper, config.unroll, device) if frames < config.frames else None
     recent = deque(history.episode_returns[-10:], maxlen=10)
     progress = tqdm(
-        total=config.frames, initial=frames, unit="frame", unit_scale=True, desc=f"{game}/{variant}",
-        mininterval=2.0, disable=None,
+        total=config.frames,
+        initial=frames,
+        unit="frame",
+        unit_scale=True,
+        desc=f"{game}/{variant}",
+        mininterval=2.0,
+        disable=None,
     )
     start = time.perf_counter() - elapsed
     try:
@@ -191,8 +196,11 @@ def train_variant(
                     tracker.flush_metrics()
             progress.update(frames_per_update)
             progress.set_postfix(
-                fps=f"{fps:.0f}", ret=f"{np.mean(recent):.1f}" if recent else "-",
-                gamma=f"{stats['gamma']:.4f}", lam=f"{stats['lambda']:.3f}", refresh=False,
+                fps=f"{fps:.0f}",
+                ret=f"{np.mean(recent):.1f}" if recent else "-",
+                gamma=f"{stats['gamma']:.4f}",
+                lam=f"{stats['lambda']:.3f}",
+                refresh=False,
             )
             if updates % config.checkpoint_every == 0:
                 save_checkpoint(done=False)
@@ -216,7 +224,9 @@ def train_variant(
     ), learner
 
 
-def export_model(learner: MetaGradientLearner, result: VariantResult, config: MetagradConfig, target: Path) -> Path:
+def export_model(
+    learner: MetaGradientLearner, result: VariantResult, config: MetagradConfig, target: Path
+) -> Path:
     """The trained agent, with everything the evaluate stage needs to rebuild and run it."""
     return torch_save(
         target,

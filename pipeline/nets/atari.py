@@ -74,7 +74,9 @@ TORSOS = {"nature": NatureTorso, "impala_resnet": ImpalaTorso}
 class AtariActorCritic(nn.Module):
     """Policy logits and state value from stacked frames and the current eta = (gamma, lambda)."""
 
-    def __init__(self, num_actions: int, network: str = "nature", in_channels: int = 4, embedding_dim: int = 16):
+    def __init__(
+        self, num_actions: int, network: str = "nature", in_channels: int = 4, embedding_dim: int = 16
+    ):
         super().__init__()
         if network not in TORSOS:
             raise ValueError(f"unknown network {network!r}; allowed: {', '.join(TORSOS)}")

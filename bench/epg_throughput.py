@@ -1,0 +1,103 @@
+"""EPG inner-loop throughput, measured in one run (prints JSON).
+
+    python bench/epg_throughput.py [--members 16] [--workers 8] [--lifetime-steps 1024]
+
+* raw: batched env stepping alone (members x workers copies, random actions);
+* vectorized: the inner loop for the whole population in one batched computation;
+* loop: the same work as a Python loop over members (one member's W lifetimes at a time).
+
+Env steps count every lifetime's steps, including the post-training fitness episodes. Ratios are
+what to read: vectorized / loop (target >= 10) and vectorized / raw (target >= 0.15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from pipeline.config import load_params
+from pipeline.envs.tasks import make_env, sample_tasks
+from pipeline.epg.inner import LossSetting, loss_net_input_dim, policy_spec, run_lifetimes
+from pipeline.epg.loss_net import initial_phi
+
+
+def raw_env_steps_per_second(family: str, tasks: list[dict], seconds: float = 3.0) -> float:
+    env = make_env(family, tasks)
+    generator = torch.Generator().manual_seed(0)
+    env.reset(torch.rand(env.num_envs, env.noise_dim, generator=generator))
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        if env.discrete:
+            actions = torch.randint(env.action_dim, (env.num_envs,), generator=generator)
+        else:
+            actions = torch.rand(env.num_envs, env.action_dim, generator=generator) * 2 - 1
+        env.step(actions, torch.rand(env.num_envs, env.noise_dim, generator=generator))
+        steps += env.num_envs
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--members", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--lifetime-steps", type=int, default=None, help="default: evolve.inner.lifetime_steps"
+    )
+    parser.add_argument("--family", default=None, help="default: evolve.family")
+    args = parser.parse_args()
+
+    config = load_params(args.params).evolve
+    family = args.family or config.family
+    inner = config.inner
+    if args.lifetime_steps:
+        inner = inner.model_copy(update={"lifetime_steps": args.lifetime_steps})
+    tasks = sample_tasks(family, "train", args.workers, 0)
+    env = make_env(family, tasks[:1])
+    dim = loss_net_input_dim(env, policy_spec(env, inner), config.loss_net.memory_units)
+    phis = initial_phi(dim, config.loss_net, 0) + 0.01 * torch.randn(args.members, 1)
+
+    raw = raw_env_steps_per_second(family, tasks * args.members)
+
+    run_lifetimes(family, tasks, inner, LossSetting("epg", phi=phis[:1]), config.loss_net, 0)  # warm-up
+    start = time.perf_counter()
+    vectorized = run_lifetimes(family, tasks, inner, LossSetting("epg", phi=phis), config.loss_net, 1)
+    vectorized_rate = vectorized.env_steps / (time.perf_counter() - start)
+
+    start, loop_steps = time.perf_counter(), 0
+    for member in range(args.members):
+        result = run_lifetimes(
+            family, tasks, inner, LossSetting("epg", phi=phis[member : member + 1]), config.loss_net, 1
+        )
+        loop_steps += result.env_steps
+    loop_rate = loop_steps / (time.perf_counter() - start)
+
+    print(
+        json.dumps(
+            {
+                "family": family,
+                "members": args.members,
+                "workers": args.workers,
+                "lifetime_steps": inner.lifetime_steps,
+                "update_every": inner.update_every,
+                "buffer_size": inner.buffer_size,
+                "torch_threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+                "raw_env_steps_per_s": round(raw),
+                "vectorized_env_steps_per_s": round(vectorized_rate),
+                "loop_env_steps_per_s": round(loop_rate),
+                "vectorized_over_loop": round(vectorized_rate / loop_rate, 2),
+                "vectorized_over_raw": round(vectorized_rate / raw, 3),
+                "targets": {"vectorized_over_loop": 10, "vectorized_over_raw": 0.15},
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
