@@ -26,6 +26,8 @@ from .learner import MetaGradientLearner, Rollout
 
 log = logging.getLogger(__name__)
 
+PROGRESS_LOG_SECONDS = 60
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -171,6 +173,7 @@ def train_variant(
         disable=None,
     )
     start = time.perf_counter() - elapsed
+    last_log = time.perf_counter()
     try:
         while frames < config.frames:
             rollout, returns, _lengths = actor.collect(learner)
@@ -204,6 +207,19 @@ def train_variant(
             )
             if updates % config.checkpoint_every == 0:
                 save_checkpoint(done=False)
+            if time.perf_counter() - last_log > PROGRESS_LOG_SECONDS:  # progress in logs, not only the bar
+                last_log = time.perf_counter()
+                log.info(
+                    "%s/%s: %d/%d frames, %.0f frames/s, last-10 return %s, gamma %.4f, lambda %.4f",
+                    game,
+                    variant,
+                    frames,
+                    config.frames,
+                    fps,
+                    f"{np.mean(recent):.1f}" if recent else "-",
+                    stats["gamma"],
+                    stats["lambda"],
+                )
         save_checkpoint(done=True)
     finally:
         progress.close()
