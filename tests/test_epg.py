@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,91 @@ def test_common_random_numbers_depend_on_generation_not_member():
     assert problem.tasks_for(3) == problem.tasks_for(3)
     assert problem.crn_seed(3) == problem.crn_seed(3) != problem.crn_seed(4)
     assert len(problem.tasks_for(0)) == config.workers
+
+
+# ----------------------------------------------------------------------------------------- Ray actors
+@pytest.mark.ray
+def test_ray_actors_give_the_serial_fitness(monkeypatch):
+    """The one test that starts Ray: 2 local actors split the batch, common random numbers keep results."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "")  # never join a cluster from the test suite
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        tasks = sample_tasks("point_goal", "train", 8, 0)
+        phis = tiny_phi("point_goal", 4)
+        center = tiny_phi("point_goal", 1, scale=0.0)[0]
+        results = {}
+        for actors in (0, 2):
+            config = evolve_config(num_actors=actors)
+            problem = EPGProblem(config, tasks, center, seed=11)
+            problem.set_generation(1, center=center)
+            batch = problem.generate_batch(4)
+            batch.set_values(phis)
+            problem.evaluate(batch)
+            results[actors] = (batch.evals[:, 0].clone(), problem.center_fitness)
+            if problem.actors:
+                problem.kill_actors()
+        assert torch.allclose(results[0][0], results[2][0], atol=1e-4)
+        assert results[0][1] == pytest.approx(results[2][1], abs=1e-4)
+    finally:
+        ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------- checkpoint/resume
+def tiny_pipeline_config(generations: int = 4):
+    import yaml
+
+    from pipeline.config import PipelineConfig
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["evolve"].update(
+        evolve_config(generations=generations).model_dump(mode="json"), checkpoint_every=2, num_actors=0
+    )
+    return PipelineConfig.model_validate(params)
+
+
+def test_killed_evolve_resumes_to_the_same_phi_in_the_same_mlflow_run(tmp_path, monkeypatch):
+    from pipeline.epg.evolve import run_evolve
+    from pipeline.io import read_json, torch_load, write_json
+    from pipeline.prepare import task_splits
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    config = tiny_pipeline_config()
+    tasks = write_json(tmp_path / "tasks.json", task_splits(config.prepare, config.seed))
+
+    def evolve_into(folder):
+        return run_evolve(
+            config,
+            tasks,
+            folder / "loss.pt",
+            folder / "metrics.json",
+            folder / "plots",
+            folder / "checkpoints",
+        )
+
+    uninterrupted = evolve_into(tmp_path / "a")
+
+    original_step, calls = OpenAIES.step, {"n": 0}
+
+    def killed_at_generation_three(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated kill")
+        return original_step(self)
+
+    monkeypatch.setattr(OpenAIES, "step", killed_at_generation_three)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        evolve_into(tmp_path / "b")
+    killed_run = read_json(tmp_path / "b/checkpoints/run.json")["mlflow_run_id"]
+    monkeypatch.setattr(OpenAIES, "step", original_step)
+    resumed = evolve_into(tmp_path / "b")
+
+    assert torch.equal(torch_load(tmp_path / "a/loss.pt")["phi"], torch_load(tmp_path / "b/loss.pt")["phi"])
+    assert resumed["mlflow_run_id"] == killed_run != uninterrupted["mlflow_run_id"]
+    assert resumed["generations"] == uninterrupted["generations"] == 4
+    assert resumed["best_center_fitness"] == uninterrupted["best_center_fitness"]
+    from mlflow import MlflowClient
+
+    history = MlflowClient().get_metric_history(killed_run, "fitness/center")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3], "a generation was lost or logged twice"
