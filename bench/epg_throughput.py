@@ -49,9 +49,16 @@ def main() -> None:
         "--lifetime-steps", type=int, default=None, help="default: evolve.inner.lifetime_steps"
     )
     parser.add_argument("--family", default=None, help="default: evolve.family")
+    parser.add_argument(
+        "--context-gradient", choices=["true", "false"], default=None,
+        help="override evolve.loss_net.context_gradient",
+    )
     args = parser.parse_args()
 
     config = load_params(args.params).evolve
+    if args.context_gradient is not None:
+        loss_net = config.loss_net.model_copy(update={"context_gradient": args.context_gradient == "true"})
+        config = config.model_copy(update={"loss_net": loss_net})
     family = args.family or config.family
     inner = config.inner
     if args.lifetime_steps:
@@ -85,6 +92,7 @@ def main() -> None:
                 "lifetime_steps": inner.lifetime_steps,
                 "update_every": inner.update_every,
                 "buffer_size": inner.buffer_size,
+        "context_gradient": config.loss_net.context_gradient,
                 "torch_threads": torch.get_num_threads(),
                 "cpu": platform.processor() or platform.machine(),
                 "raw_env_steps_per_s": round(raw),

@@ -93,6 +93,10 @@ class LossNetConfig(Frozen):
     conv_kernels: list[PositiveInt] = Field(default=[6, 4], min_length=1)
     conv_strides: list[PositiveInt] = Field(default=[5, 2], min_length=1)
     hidden: PositiveInt = 16
+    # True (the official code): the context is recomputed for every minibatch and the loss also
+    # differentiates through the policy outputs at all N buffer steps. False: the context is an input,
+    # computed once per update without gradient; only the minibatch steps are differentiated (cheaper).
+    context_gradient: bool = True
 
     @model_validator(mode="after")
     def _same_lengths(self):

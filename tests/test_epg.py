@@ -14,7 +14,6 @@ from torch.func import vmap
 from pipeline.config import EvolveConfig, InnerLoopConfig, LossNetConfig
 from pipeline.envs.tasks import make_env, sample_tasks
 from pipeline.epg import inner as inner_module
-from pipeline.epg import policy as pol
 from pipeline.epg.inner import LossSetting, loss_net_input_dim, policy_spec, run_lifetimes
 from pipeline.epg.loss_net import LossNetwork, ParamLayout, apply_loss_net, initial_phi
 from pipeline.epg.problem import EPGProblem, OpenAIES, learning_rate, ppo_weight
@@ -41,7 +40,7 @@ def test_loss_network_shapes_and_flat_layout_round_trip():
     assert layout.size == sum(p.numel() for p in net.parameters())
     phi = layout.flatten(net)
     buffer, steps = torch.randn(64, 10), torch.randn(7, 10)
-    direct = net(buffer, steps)
+    direct = net(steps, net(buffer))
     assert direct.shape == (7,)
     assert torch.allclose(apply_loss_net(net, layout, phi, buffer, steps), direct)
 
@@ -58,38 +57,50 @@ def test_vmapped_loss_over_members_equals_a_loop():
 
 def test_gradients_reach_policy_and_memory_through_the_evolved_loss():
     family = "point_goal"
-    env = make_env(family, sample_tasks(family, "train", 2, 0))
-    spec = policy_spec(env, TINY_INNER)
-    generator = torch.Generator().manual_seed(0)
-    policy = {k: v.requires_grad_() for k, v in pol.init_policy(spec, 2, generator).items()}
-    memory = {"w": torch.zeros(2, 4, requires_grad=True), "b": torch.zeros(2, 4, requires_grad=True)}
-    buffer = {
-        "obs": torch.randn(64, 2, env.obs_dim),
-        "act": torch.randn(64, 2, env.action_dim),
-        "rew": torch.randn(64, 2),
-        "done": torch.zeros(64, 2),
-    }
-    phi = tiny_phi(family, 1)
-    template = LossNetwork(loss_net_input_dim(env, spec, 4), TINY_NET)
-    layout = ParamLayout.of(template)
-    per_member = vmap(partial(apply_loss_net, template, layout), in_dims=(None, 0, 0))
-    losses = inner_module._evolved_loss(
-        LossSetting("epg", phi=phi),
-        spec,
-        policy,
-        memory,
-        buffer,
-        torch.arange(32, 48),
-        partial(pol.policy_head, spec),
-        vmap(per_member, in_dims=(0, 0, 0)),
-        1,
-        2,
+    lifetimes = inner_module.Lifetimes(
+        family,
+        sample_tasks(family, "train", 2, 0),
+        TINY_INNER,
+        LossSetting("epg", phi=tiny_phi(family, 1)),
+        TINY_NET,
+        crn_seed=0,
     )
+    generator = torch.Generator().manual_seed(1)
+    for tensor in lifetimes.buffer.values():
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    losses = lifetimes.evolved_loss(torch.arange(32, 48))
     assert losses.shape == (2,)
     losses.sum().backward()
-    for name, tensor in {**policy, **memory}.items():
+    for name, tensor in {**lifetimes.policy, **lifetimes.memory}.items():
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all(), name
         assert tensor.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_context_gradient_switch_only_changes_the_gradient_path():
+    family = "point_goal"
+    results = {}
+    for context_gradient in (True, False):
+        net = TINY_NET.model_copy(update={"context_gradient": context_gradient})
+        lifetimes = inner_module.Lifetimes(
+            family,
+            sample_tasks(family, "train", 2, 0),
+            TINY_INNER,
+            LossSetting("epg", phi=tiny_phi(family, 1)),
+            net,
+            crn_seed=0,
+        )
+        generator = torch.Generator().manual_seed(1)
+        for tensor in lifetimes.buffer.values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        context = None
+        if not context_gradient:  # as the update computes it: once, without gradient
+            with torch.no_grad():
+                context = lifetimes.loss_context(lifetimes.loss.phi, lifetimes.loss_inputs(slice(None)))
+        loss = lifetimes.evolved_loss(torch.arange(32, 48), context)
+        loss.sum().backward()
+        results[context_gradient] = (loss.detach(), lifetimes.policy["w0"].grad.clone())
+    assert torch.allclose(results[True][0], results[False][0], atol=1e-6), "the loss value must not change"
+    assert not torch.allclose(results[True][1], results[False][1]), "the gradient path must differ"
 
 
 # ----------------------------------------------------------------------------------------- inner loop

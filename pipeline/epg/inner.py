@@ -28,7 +28,7 @@ from ..config import InnerLoopConfig, LossNetConfig
 from ..envs.tasks import make_env
 from ..rl.returns import lambda_returns
 from . import policy as pol
-from .loss_net import LossNetwork, ParamLayout, apply_loss_net, loss_input_dim
+from .loss_net import LossNetwork, ParamLayout, loss_context, loss_input_dim, step_losses
 
 METHODS = ("epg", "ppo", "pg")
 
@@ -86,279 +86,256 @@ def run_lifetimes(
     crn_seed: int,
 ) -> LifetimeResult:
     """Train P x W fresh policies (P members, W = len(tasks) workers) in one batched computation."""
-    members, workers = loss.members, len(tasks)
-    lifetimes = members * workers
-    env = make_env(family, tasks * members)  # copy index = member * W + worker
-    spec = policy_spec(env, config)
-    generator = torch.Generator().manual_seed(int(crn_seed))
+    return Lifetimes(family, tasks, config, loss, loss_net_config, crn_seed).run()
 
-    def per_worker(x: torch.Tensor) -> torch.Tensor:
-        """Draws made for the W workers, shared by every member: [W, ...] -> [P * W, ...]."""
-        return x.unsqueeze(0).expand(members, *x.shape).reshape(lifetimes, *x.shape[1:])
 
-    def leaves(params: dict) -> dict:
-        return {k: per_worker(v).clone().requires_grad_() for k, v in params.items()}
+class Lifetimes:
+    """The state of P x W lifetimes trained together; parameters are stacked [P * W, ...] leaves."""
 
-    policy = leaves(pol.init_policy(spec, workers, generator))
-    value = leaves(pol.init_value(spec, workers, generator)) if loss.uses_value else {}
-    memory_units = loss_net_config.memory_units if loss.method == "epg" else 0
-    # Memory units m = tanh(W . 1 + b): extra inner-loop parameters that only the loss sees.
-    memory = (
-        leaves({"w": torch.zeros(workers, memory_units), "b": torch.zeros(workers, memory_units)})
-        if memory_units
-        else {}
-    )
-    optimizer = torch.optim.Adam([*policy.values(), *value.values(), *memory.values()], lr=config.lr)
+    def __init__(self, family, tasks, config: InnerLoopConfig, loss: LossSetting, loss_net_config, crn_seed):
+        self.family, self.tasks, self.config, self.loss = family, tasks, config, loss
+        self.loss_net_config = loss_net_config
+        self.members, self.workers = loss.members, len(tasks)
+        self.lifetimes = self.members * self.workers
+        self.env = make_env(family, tasks * self.members)  # copy index = member * W + worker
+        self.spec = policy_spec(self.env, config)
+        self.generator = torch.Generator().manual_seed(int(crn_seed))
+        self.head_fn = partial(pol.policy_head, self.spec)  # stacked params, inputs [L, rows, obs]
 
-    if loss.method == "epg":
-        template = LossNetwork(loss_net_input_dim(env, spec, memory_units), loss_net_config)
-        layout = ParamLayout.of(template)
-        if loss.phi.shape[1] != layout.size:
-            raise ValueError(f"phi has {loss.phi.shape[1]} entries, the loss network needs {layout.size}")
-        # vmap over members (own phi), inside it over workers (shared phi).
-        per_member = vmap(partial(apply_loss_net, template, layout), in_dims=(None, 0, 0))
-        epg_losses = vmap(per_member, in_dims=(0, 0, 0))
-    head_fn = partial(pol.policy_head, spec)  # stacked params, inputs [L, rows, obs]
-    value_fn = pol.mlp
+        def leaves(params: dict) -> dict:
+            return {k: self.per_worker(v).clone().requires_grad_() for k, v in params.items()}
 
-    steps_per_update, buffer_size = config.update_every, config.buffer_size
-    obs_dim, act_dim = env.obs_dim, spec.action_features
-    # The loss buffer of the last N steps, time-major, zero where no step has happened yet.
-    buffer = {
-        "obs": torch.zeros(buffer_size, lifetimes, obs_dim),
-        "act": torch.zeros(buffer_size, lifetimes, act_dim),
-        "rew": torch.zeros(buffer_size, lifetimes),
-        "done": torch.zeros(buffer_size, lifetimes),
-    }
-    window = {key: torch.zeros(steps_per_update, *value.shape[1:]) for key, value in buffer.items()}
-    window["logp"] = torch.zeros(steps_per_update, lifetimes)
-
-    dead = torch.zeros(lifetimes, dtype=torch.bool)
-    episode_sum = torch.zeros(lifetimes)
-    episode_count = torch.zeros(lifetimes)
-    total_sum = torch.zeros(lifetimes)
-    total_count = torch.zeros(lifetimes)
-    curve, curve_steps = [], []
-    obs = env.reset(per_worker(torch.rand(workers, env.noise_dim, generator=generator)))
-
-    for step in range(config.lifetime_steps):
-        with torch.no_grad():
-            head = head_fn(policy, obs.unsqueeze(1)).squeeze(1)
-            noise = (torch.rand if spec.discrete else torch.randn)(
-                workers, spec.action_dim, generator=generator
-            )
-            action = pol.sample(spec, head, per_worker(noise))
-            result = env.step(
-                action.argmax(-1) if spec.discrete else action,
-                per_worker(torch.rand(workers, env.noise_dim, generator=generator)),
-            )
-            done = (result.terminated | result.truncated).float()
-            slot = step % steps_per_update
-            window["obs"][slot], window["act"][slot] = obs, action
-            window["rew"][slot], window["done"][slot] = result.reward, done
-            window["logp"][slot] = pol.log_prob(spec, head, action)
-            episode_sum += result.episode_return * done
-            episode_count += done
-            obs = result.obs
-        if slot == steps_per_update - 1:
-            for key in buffer:
-                buffer[key] = torch.cat([buffer[key][steps_per_update:], window[key]])
-            dead |= _update(
-                config,
-                loss,
-                spec,
-                generator,
-                optimizer,
-                policy,
-                value,
-                memory,
-                buffer,
-                window,
-                obs,
-                head_fn,
-                value_fn,
-                epg_losses if loss.method == "epg" else None,
-                lifetimes,
-                members,
-                workers,
-            )
-            curve.append(torch.where(episode_count > 0, episode_sum / episode_count.clamp_min(1), torch.nan))
-            curve_steps.append(step + 1)
-            total_sum += episode_sum
-            total_count += episode_count
-            episode_sum.zero_()
-            episode_count.zero_()
-
-    env_steps = lifetimes * config.lifetime_steps
-    lifetime_returns = torch.where(total_count > 0, total_sum / total_count.clamp_min(1), torch.nan)
-    final_returns = torch.full((lifetimes,), torch.nan)
-    if config.fitness == "final_episodes":
-        final_returns, extra_steps = _final_episodes(
-            family, tasks, members, config.fitness_episodes, spec, policy, head_fn, generator
+        self.policy = leaves(pol.init_policy(self.spec, self.workers, self.generator))
+        self.value = (
+            leaves(pol.init_value(self.spec, self.workers, self.generator)) if loss.uses_value else {}
         )
-        env_steps += extra_steps
-    fitness = final_returns if config.fitness == "final_episodes" else lifetime_returns
-    fitness = torch.where(dead | ~torch.isfinite(fitness), -torch.inf, fitness)
+        units = loss_net_config.memory_units if loss.method == "epg" else 0
+        # Memory units m = tanh(W . 1 + b): extra inner-loop parameters that only the loss sees.
+        self.memory = (
+            leaves({"w": torch.zeros(self.workers, units), "b": torch.zeros(self.workers, units)})
+            if units
+            else {}
+        )
+        self.optimizer = torch.optim.Adam([*self.parameter_groups_flat()], lr=config.lr, foreach=True)
+        if loss.method == "epg":
+            template = LossNetwork(loss_net_input_dim(self.env, self.spec, units), loss_net_config)
+            layout = ParamLayout.of(template)
+            if loss.phi.shape[1] != layout.size:
+                raise ValueError(f"phi has {loss.phi.shape[1]} entries, the loss network needs {layout.size}")
+            # vmap over members (own phi), inside it over workers (shared phi).
+            context = vmap(partial(loss_context, template, layout), in_dims=(None, 0))
+            self.loss_context = vmap(context, in_dims=(0, 0))  # (phi [P], buffer [P, W, N, D]) -> [P, W, C]
+            losses = vmap(partial(step_losses, template, layout), in_dims=(None, 0, 0))
+            self.step_losses = vmap(
+                losses, in_dims=(0, 0, 0)
+            )  # (phi, steps [P, W, n, D], context) -> [P, W, n]
+        # The loss buffer of the last N steps (time-major; zero where no step has happened yet) and the
+        # window of the last M steps that the next update trains on.
+        n, m, lifetimes = config.buffer_size, config.update_every, self.lifetimes
+        self.buffer = {
+            "obs": torch.zeros(n, lifetimes, self.env.obs_dim),
+            "act": torch.zeros(n, lifetimes, self.spec.action_features),
+            "rew": torch.zeros(n, lifetimes),
+            "done": torch.zeros(n, lifetimes),
+        }
+        self.window = {key: torch.zeros(m, *value.shape[1:]) for key, value in self.buffer.items()}
+        self.window["logp"] = torch.zeros(m, lifetimes)
+        self.dead = torch.zeros(lifetimes, dtype=torch.bool)
 
-    def grid(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(*x.shape[:-1], members, workers)
+    def per_worker(self, x: torch.Tensor) -> torch.Tensor:
+        """Draws made for the W workers, shared by every member: [W, ...] -> [P * W, ...]."""
+        return x.unsqueeze(0).expand(self.members, *x.shape).reshape(self.lifetimes, *x.shape[1:])
 
-    return LifetimeResult(
-        fitness=grid(fitness),
-        final_returns=grid(final_returns),
-        lifetime_returns=grid(lifetime_returns),
-        nonfinite=grid(dead),
-        curve=grid(torch.stack(curve)) if curve else torch.empty(0, members, workers),
-        curve_steps=curve_steps,
-        env_steps=env_steps,
-    )
+    def parameter_groups_flat(self):
+        for params in (self.policy, self.value, self.memory):
+            yield from params.values()
 
+    def draw(self, *shape: int, normal: bool = False) -> torch.Tensor:
+        return (torch.randn if normal else torch.rand)(*shape, generator=self.generator)
 
-def _update(
-    config,
-    loss,
-    spec,
-    generator,
-    optimizer,
-    policy,
-    value,
-    memory,
-    buffer,
-    window,
-    next_obs,
-    head_fn,
-    value_fn,
-    epg_losses,
-    lifetimes,
-    members,
-    workers,
-) -> torch.Tensor:
-    """One update of every lifetime (one or more epochs of minibatch Adam steps over the last M steps).
-    Returns the lifetimes whose loss or parameters went non-finite (their parameters are zeroed)."""
-    steps_per_update, buffer_size = config.update_every, config.buffer_size
-    time_major = lambda x: x.transpose(0, 1)  # [T, L, ...] <-> [L, T, ...]
-    advantages = returns = None
-    if loss.uses_value:
+    # ------------------------------------------------------------------------------------ the lifetime
+    def run(self) -> LifetimeResult:
+        config, env, spec, lifetimes = self.config, self.env, self.spec, self.lifetimes
+        steps_per_update = config.update_every
+        episode_sum, episode_count = torch.zeros(lifetimes), torch.zeros(lifetimes)
+        total_sum, total_count = torch.zeros(lifetimes), torch.zeros(lifetimes)
+        curve, curve_steps = [], []
+        obs = env.reset(self.per_worker(self.draw(self.workers, env.noise_dim)))
+        window = self.window
+        for step in range(config.lifetime_steps):
+            with torch.no_grad():
+                head = self.head_fn(self.policy, obs.unsqueeze(1)).squeeze(1)
+                noise = self.draw(self.workers, spec.action_dim, normal=not spec.discrete)
+                action = pol.sample(spec, head, self.per_worker(noise))
+                result = env.step(
+                    action.argmax(-1) if spec.discrete else action,
+                    self.per_worker(self.draw(self.workers, env.noise_dim)),
+                )
+                done = (result.terminated | result.truncated).float()
+                slot = step % steps_per_update
+                window["obs"][slot], window["act"][slot] = obs, action
+                window["rew"][slot], window["done"][slot] = result.reward, done
+                window["logp"][slot] = pol.log_prob(spec, head, action)
+                episode_sum += result.episode_return * done
+                episode_count += done
+                obs = result.obs
+            if slot == steps_per_update - 1:
+                for key in self.buffer:
+                    self.buffer[key] = torch.cat([self.buffer[key][steps_per_update:], window[key]])
+                self.dead |= self.update(obs)
+                curve.append(
+                    torch.where(episode_count > 0, episode_sum / episode_count.clamp_min(1), torch.nan)
+                )
+                curve_steps.append(step + 1)
+                total_sum += episode_sum
+                total_count += episode_count
+                episode_sum.zero_()
+                episode_count.zero_()
+
+        env_steps = lifetimes * config.lifetime_steps
+        lifetime_returns = torch.where(total_count > 0, total_sum / total_count.clamp_min(1), torch.nan)
+        final_returns = torch.full((lifetimes,), torch.nan)
+        if config.fitness == "final_episodes":
+            final_returns, extra_steps = self.final_episodes(config.fitness_episodes)
+            env_steps += extra_steps
+        fitness = final_returns if config.fitness == "final_episodes" else lifetime_returns
+        fitness = torch.where(self.dead | ~torch.isfinite(fitness), -torch.inf, fitness)
+
+        def grid(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(*x.shape[:-1], self.members, self.workers)
+
+        return LifetimeResult(
+            fitness=grid(fitness),
+            final_returns=grid(final_returns),
+            lifetime_returns=grid(lifetime_returns),
+            nonfinite=grid(self.dead),
+            curve=grid(torch.stack(curve)) if curve else torch.empty(0, self.members, self.workers),
+            curve_steps=curve_steps,
+            env_steps=env_steps,
+        )
+
+    # ------------------------------------------------------------------------------------ updates
+    def update(self, next_obs: torch.Tensor) -> torch.Tensor:
+        """One update of every lifetime: ``epochs`` passes of minibatch Adam steps over the last M steps.
+        Returns the lifetimes whose loss or parameters went non-finite (their parameters are zeroed)."""
+        config, loss, window = self.config, self.loss, self.window
+        advantages = returns = None
+        if loss.uses_value:
+            with torch.no_grad():
+                values = pol.mlp(self.value, window["obs"].transpose(0, 1)).squeeze(-1).T  # [M, L]
+                bootstrap = pol.mlp(self.value, next_obs.unsqueeze(1)).reshape(-1)
+                gae_lambda = 1.0 if loss.method == "pg" else config.ppo.gae_lambda
+                returns = lambda_returns(
+                    window["rew"],
+                    config.ppo.gamma * (1.0 - window["done"]),
+                    values,
+                    bootstrap,
+                    gae_lambda,
+                    stop_value_gradients=True,
+                )
+                advantages = returns - values
+        bad = torch.zeros(self.lifetimes, dtype=torch.bool)
+        first_new_step = config.buffer_size - config.update_every  # where the window sits in the buffer
+        fixed_context = None
+        if loss.method == "epg" and not self.loss_net_config.context_gradient:
+            with torch.no_grad():  # an input summarising the buffer under the policy before this update
+                fixed_context = self.loss_context(self.loss.phi, self.loss_inputs(slice(None)))
+        for _ in range(config.epochs):
+            order = torch.randperm(config.update_every, generator=self.generator)
+            for batch in order.split(config.minibatch_size):
+                total = torch.zeros(self.lifetimes)
+                if loss.method == "epg":
+                    total = (1.0 - loss.alpha) * self.evolved_loss(batch + first_new_step, fixed_context)
+                if loss.uses_value:
+                    weight = loss.alpha if loss.method == "epg" else 1.0
+                    total = total + weight * self.policy_gradient_loss(batch, advantages, returns)
+                bad |= ~torch.isfinite(total.detach())
+                self.optimizer.zero_grad(set_to_none=True)
+                # Lifetimes are independent: the gradient of the sum gives each lifetime its own gradient.
+                total.sum().backward()
+                self.optimizer.step()
         with torch.no_grad():
-            values = value_fn(value, time_major(window["obs"])).squeeze(-1)  # [L, M]
-            bootstrap = value_fn(value, next_obs.unsqueeze(1)).squeeze(-1).squeeze(-1)
-            gae_lambda = 1.0 if loss.method == "pg" else config.ppo.gae_lambda
-            returns = lambda_returns(
-                window["rew"],
-                config.ppo.gamma * (1.0 - window["done"]),
-                time_major(values),
-                bootstrap,
-                gae_lambda,
-                stop_value_gradients=True,
-            )
-            advantages = returns - time_major(values)
-    bad = torch.zeros(lifetimes, dtype=torch.bool)
-    for _ in range(config.epochs):
-        order = torch.randperm(steps_per_update, generator=generator)
-        for batch in order.split(config.minibatch_size):
-            total = torch.zeros(lifetimes)
-            if loss.method == "epg":
-                total = (1.0 - loss.alpha) * _evolved_loss(
-                    loss,
-                    spec,
-                    policy,
-                    memory,
-                    buffer,
-                    batch + buffer_size - steps_per_update,
-                    head_fn,
-                    epg_losses,
-                    members,
-                    workers,
-                )
-            if loss.uses_value:
-                weight = loss.alpha if loss.method == "epg" else 1.0
-                total = total + weight * _policy_gradient_loss(
-                    config, loss, spec, policy, value, window, batch, advantages, returns, head_fn, value_fn
-                )
-            bad |= ~torch.isfinite(total.detach())
-            optimizer.zero_grad(set_to_none=True)
-            # Lifetimes are independent, so the gradient of the sum gives each lifetime its own gradient.
-            total.sum().backward()
-            optimizer.step()
-    with torch.no_grad():
-        for params in (policy, value, memory):
-            for tensor in params.values():
-                bad |= ~torch.isfinite(tensor.reshape(lifetimes, -1)).all(-1)
-        if bad.any():
-            for params in (policy, value, memory):
-                for tensor in params.values():
+            for tensor in self.parameter_groups_flat():
+                bad |= ~torch.isfinite(tensor.reshape(self.lifetimes, -1)).all(-1)
+            if bad.any():
+                for tensor in self.parameter_groups_flat():
                     tensor.copy_(torch.where(bad.view(-1, *[1] * (tensor.dim() - 1)), 0.0, tensor))
-    return bad
+        return bad
 
+    def loss_inputs(self, index) -> torch.Tensor:
+        """Loss-network inputs [P, W, steps, D] of the buffer steps ``index``, with the policy's current
+        outputs (differentiable unless called under no_grad)."""
+        buffer = self.buffer
+        obs = buffer["obs"].transpose(0, 1)[:, index]  # [L, steps, obs]
+        heads = self.head_fn(self.policy, obs)
+        parts = [
+            obs,
+            buffer["act"].transpose(0, 1)[:, index],
+            buffer["rew"].T[:, index].unsqueeze(-1),
+            buffer["done"].T[:, index].unsqueeze(-1),
+            heads,
+        ]
+        if self.memory:
+            units = torch.tanh(self.memory["w"] + self.memory["b"])  # memory m = tanh(W . 1 + b)
+            parts.append(units.unsqueeze(1).expand(-1, heads.shape[1], -1))
+        return torch.cat(parts, dim=-1).reshape(self.members, self.workers, heads.shape[1], -1)
 
-def _evolved_loss(loss, spec, policy, memory, buffer, step_index, head_fn, epg_losses, members, workers):
-    """Mean L_phi over the minibatch steps, per lifetime [L]; the context sees the whole buffer."""
-    obs = buffer["obs"].transpose(0, 1)  # [L, N, obs]
-    heads = head_fn(policy, obs)  # with gradient: the loss differentiates through the policy
-    lifetimes, steps = obs.shape[:2]
-    parts = [
-        obs,
-        buffer["act"].transpose(0, 1),
-        buffer["rew"].T.unsqueeze(-1),
-        buffer["done"].T.unsqueeze(-1),
-        heads,
-    ]
-    if memory:
-        units = torch.tanh(memory["w"] + memory["b"])  # W . 1 + b
-        parts.append(units.unsqueeze(1).expand(-1, steps, -1))
-    features = torch.cat(parts, dim=-1).reshape(members, workers, steps, -1)
-    per_step = epg_losses(loss.phi, features, features[:, :, step_index])  # [P, W, batch]
-    return per_step.mean(-1).reshape(lifetimes)
+    def evolved_loss(self, step_index: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean L_phi over the minibatch steps, per lifetime [L].
 
+        ``context`` None: computed here from the whole buffer *with* gradient through the policy
+        outputs at every buffer step (the official code); otherwise a precomputed constant."""
+        if context is None:
+            everything = self.loss_inputs(slice(None))
+            context = self.loss_context(self.loss.phi, everything)
+            steps = everything[:, :, step_index]
+        else:
+            steps = self.loss_inputs(step_index)
+        per_step = self.step_losses(self.loss.phi, steps, context)  # [P, W, batch]
+        return per_step.mean(-1).reshape(self.lifetimes)
 
-def _policy_gradient_loss(
-    config, loss, spec, policy, value, window, batch, advantages, returns, head_fn, value_fn
-):
-    """Clipped PPO (``ppo`` and the annealed term of ``epg``) or REINFORCE with baseline (``pg``), [L]."""
-    obs = window["obs"][batch].transpose(0, 1)  # [L, b, obs]
-    actions = window["act"][batch].transpose(0, 1)
-    adv = advantages[batch].T  # [L, b]
-    target = returns[batch].T
-    log_probs = pol.log_prob(spec, head_fn(policy, obs), actions)
-    if loss.method == "pg":
-        policy_loss = -(log_probs * adv).mean(-1)
-    else:
-        adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
-        ratio = torch.exp(log_probs - window["logp"][batch].T)
-        clipped = torch.clamp(ratio, 1 - config.ppo.clip, 1 + config.ppo.clip)
-        policy_loss = -torch.minimum(ratio * adv, clipped * adv).mean(-1)
-    value_loss = 0.5 * ((value_fn(value, obs).squeeze(-1) - target) ** 2).mean(-1)
-    entropy = pol.entropy(spec, head_fn(policy, obs)).mean(-1) if config.ppo.entropy_coef else 0.0
-    return policy_loss + config.ppo.value_coef * value_loss - config.ppo.entropy_coef * entropy
+    def policy_gradient_loss(self, batch, advantages, returns) -> torch.Tensor:
+        """Clipped PPO (``ppo``, also the annealed term of ``epg``) or REINFORCE with baseline (``pg``)."""
+        config, window, spec = self.config, self.window, self.spec
+        obs = window["obs"][batch].transpose(0, 1)  # [L, b, obs]
+        adv, target = advantages[batch].T, returns[batch].T  # [L, b]
+        heads = self.head_fn(self.policy, obs)
+        log_probs = pol.log_prob(spec, heads, window["act"][batch].transpose(0, 1))
+        if self.loss.method == "pg":
+            policy_loss = -(log_probs * adv).mean(-1)
+        else:
+            adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
+            ratio = torch.exp(log_probs - window["logp"][batch].T)
+            clipped = torch.clamp(ratio, 1 - config.ppo.clip, 1 + config.ppo.clip)
+            policy_loss = -torch.minimum(ratio * adv, clipped * adv).mean(-1)
+        value_loss = 0.5 * ((pol.mlp(self.value, obs).squeeze(-1) - target) ** 2).mean(-1)
+        entropy = pol.entropy(spec, heads).mean(-1) if config.ppo.entropy_coef else 0.0
+        return policy_loss + config.ppo.value_coef * value_loss - config.ppo.entropy_coef * entropy
 
+    # ------------------------------------------------------------------------------------ fitness
+    def final_episodes(self, episodes: int) -> tuple[torch.Tensor, int]:
+        """Mean return of ``episodes`` fresh episodes per lifetime with the trained policy, in parallel."""
+        members, workers, lifetimes, spec = self.members, self.workers, self.lifetimes, self.spec
+        env = make_env(self.family, [t for _ in range(members) for t in self.tasks for _ in range(episodes)])
 
-def _final_episodes(family, tasks, members, episodes, spec, policy, head_fn, generator):
-    """Mean return of ``episodes`` fresh episodes per lifetime with the trained policy, run in parallel."""
-    workers = len(tasks)
-    env = make_env(family, [task for _ in range(members) for task in tasks for _ in range(episodes)])
-    lifetimes = members * workers
+        def per_worker(x: torch.Tensor) -> torch.Tensor:  # [W, K, ...] -> [P * W * K, ...]
+            return x.unsqueeze(0).expand(members, *x.shape).reshape(lifetimes * episodes, *x.shape[2:])
 
-    def per_worker(x: torch.Tensor) -> torch.Tensor:  # [W, K, ...] -> [P * W * K, ...]
-        return x.unsqueeze(0).expand(members, *x.shape).reshape(lifetimes * episodes, *x.shape[2:])
-
-    obs = env.reset(per_worker(torch.rand(workers, episodes, env.noise_dim, generator=generator)))
-    first_return = torch.full((lifetimes * episodes,), torch.nan)
-    with torch.no_grad():
-        for _ in range(env.max_episode_steps):
-            head = head_fn(policy, obs.reshape(lifetimes, episodes, -1)).reshape(lifetimes * episodes, -1)
-            shape = (workers, episodes, spec.action_dim)
-            noise = (
-                torch.rand(shape, generator=generator)
-                if spec.discrete
-                else torch.randn(shape, generator=generator)
-            )
-            action = pol.sample(spec, head, per_worker(noise))
-            result = env.step(
-                action.argmax(-1) if spec.discrete else action,
-                per_worker(torch.rand(workers, episodes, env.noise_dim, generator=generator)),
-            )
-            ended = (result.terminated | result.truncated) & torch.isnan(first_return)
-            first_return = torch.where(ended, result.episode_return, first_return)
-            obs = result.obs
-    returns = first_return.reshape(lifetimes, episodes).mean(-1)
-    return returns, lifetimes * episodes * env.max_episode_steps
+        obs = env.reset(per_worker(self.draw(workers, episodes, env.noise_dim)))
+        first_return = torch.full((lifetimes * episodes,), torch.nan)
+        with torch.no_grad():
+            for _ in range(env.max_episode_steps):
+                head = self.head_fn(self.policy, obs.reshape(lifetimes, episodes, -1)).reshape(
+                    lifetimes * episodes, -1
+                )
+                noise = self.draw(workers, episodes, spec.action_dim, normal=not spec.discrete)
+                action = pol.sample(spec, head, per_worker(noise))
+                result = env.step(
+                    action.argmax(-1) if spec.discrete else action,
+                    per_worker(self.draw(workers, episodes, env.noise_dim)),
+                )
+                ended = (result.terminated | result.truncated) & torch.isnan(first_return)
+                first_return = torch.where(ended, result.episode_return, first_return)
+                obs = result.obs
+        returns = first_return.reshape(lifetimes, episodes).mean(-1)
+        return returns, lifetimes * episodes * env.max_episode_steps

@@ -29,20 +29,23 @@ def loss_input_dim(obs_dim: int, action_features: int, policy_features: int, mem
 
 
 class LossNetwork(nn.Module):
-    """Template module; its own parameters only serve as a shape and an initialisation."""
+    """Template module; its own parameters only serve as a shape and an initialisation.
+
+    As in the official code: Conv1d -> LeakyReLU -> Conv1d -> LeakyReLU, mean over time, Linear -> the
+    context; head Linear(D + context) -> LeakyReLU -> Linear -> one loss per step.
+    """
 
     def __init__(self, input_dim: int, config: LossNetConfig):
         super().__init__()
         layers: list[nn.Module] = []
         channels = input_dim
-        for i, (out, kernel, stride) in enumerate(
-            zip(config.conv_channels, config.conv_kernels, config.conv_strides, strict=True)
+        for out, kernel, stride in zip(
+            config.conv_channels, config.conv_kernels, config.conv_strides, strict=True
         ):
-            layers.append(nn.Conv1d(channels, out, kernel, stride=stride))
-            if i < len(config.conv_channels) - 1:
-                layers.append(nn.LeakyReLU(LEAKY_SLOPE))
+            layers += [nn.Conv1d(channels, out, kernel, stride=stride), nn.LeakyReLU(LEAKY_SLOPE)]
             channels = out
         self.temporal = nn.Sequential(*layers)
+        self.summary = nn.Linear(channels, channels)
         self.head = nn.Sequential(
             nn.Linear(input_dim + channels, config.hidden),
             nn.LeakyReLU(LEAKY_SLOPE),
@@ -51,10 +54,15 @@ class LossNetwork(nn.Module):
         self.input_dim = input_dim
         self.context_dim = channels
 
-    def forward(self, buffer: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """buffer: [N, D] time-ordered loss inputs; steps: [n, D] the minibatch. Returns [n] losses."""
-        context = self.temporal(buffer.transpose(0, 1).unsqueeze(0)).mean(dim=-1)  # [1, C]
-        joint = torch.cat([steps, context.expand(steps.shape[0], -1)], dim=-1)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Two uses, so the context can be computed once and reused:
+
+        * ``forward(buffer)``: buffer [N, D] of time-ordered loss inputs -> context [C];
+        * ``forward(steps, context)``: steps [n, D] of the minibatch -> losses [n].
+        """
+        if context is None:
+            return self.summary(self.temporal(x.transpose(0, 1).unsqueeze(0)).mean(dim=-1)).squeeze(0)
+        joint = torch.cat([x, context.expand(x.shape[0], -1)], dim=-1)
         return self.head(joint).squeeze(-1)
 
 
@@ -95,8 +103,20 @@ def initial_phi(input_dim: int, config: LossNetConfig, seed: int) -> torch.Tenso
     return ParamLayout.of(module).flatten(module)
 
 
+def loss_context(template: LossNetwork, layout: ParamLayout, phi: torch.Tensor, buffer: torch.Tensor):
+    """The context [C] of one lifetime's buffer [N, D] under the loss with flat parameters ``phi``."""
+    return functional_call(template, layout.unflatten(phi), (buffer,))
+
+
+def step_losses(
+    template: LossNetwork, layout: ParamLayout, phi: torch.Tensor, steps: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    """Per-step losses [n] of one lifetime's minibatch steps [n, D] given its context [C]."""
+    return functional_call(template, layout.unflatten(phi), (steps, context))
+
+
 def apply_loss_net(
     template: LossNetwork, layout: ParamLayout, phi: torch.Tensor, buffer: torch.Tensor, steps: torch.Tensor
 ) -> torch.Tensor:
     """Per-step losses [n] of one lifetime under the loss with flat parameters ``phi``."""
-    return functional_call(template, layout.unflatten(phi), (buffer, steps))
+    return step_losses(template, layout, phi, steps, loss_context(template, layout, phi, buffer))
