@@ -12,7 +12,8 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, load_params, params_hash, section_dict
@@ -97,3 +98,27 @@ def code_fingerprint() -> str:
 def checkpoint_key(section_hash: str) -> str:
     """What a checkpoint must match to be resumed: the stage's params and the code."""
     return f"{section_hash}-{code_fingerprint()}"
+
+
+@contextmanager
+def resumable_stage_run(
+    stage: str, config: PipelineConfig, checkpoint_dir: Path
+) -> Iterator[tuple[object, str]]:
+    """The MLflow run of a checkpointing stage: continues the run a killed invocation left behind (same
+    params and code), else starts one. Yields (run, resume_key); checkpoints must carry resume_key."""
+    from .tracking import StageRun
+
+    section = section_dict(config, stage)
+    section_hash = params_hash(section)
+    resume_key = checkpoint_key(section_hash)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with StageRun(
+        stage,
+        section,
+        section_hash,
+        experiment=config.tracking.experiment,
+        resume_run_id=resumable_run_id(checkpoint_dir, resume_key),
+        system_metrics=config.tracking.system_metrics,
+    ) as run:
+        remember_run(checkpoint_dir, resume_key, run.run_id)
+        yield run, resume_key

@@ -5,7 +5,7 @@ from pipeline.stage import stage_main
 
 
 def main(config, root):
-    run_evaluate(config, EvaluatePaths(root))
+    run_evaluate(config, EvaluatePaths.under(root))
 
 
 if __name__ == "__main__":

@@ -55,19 +55,20 @@ def test_vmapped_loss_over_members_equals_a_loop():
     assert torch.allclose(batched, looped, atol=1e-6)
 
 
-def test_gradients_reach_policy_and_memory_through_the_evolved_loss():
+def lifetimes_with_random_buffer(net: LossNetConfig) -> inner_module.Lifetimes:
+    """Two point-goal lifetimes whose loss buffer holds random (but fixed) data."""
     family = "point_goal"
-    lifetimes = inner_module.Lifetimes(
-        family,
-        sample_tasks(family, "train", 2, 0),
-        TINY_INNER,
-        LossSetting("epg", phi=tiny_phi(family, 1)),
-        TINY_NET,
-        crn_seed=0,
-    )
+    tasks = sample_tasks(family, "train", 2, 0)
+    setting = LossSetting("epg", phi=tiny_phi(family, 1))
+    lifetimes = inner_module.Lifetimes(family, tasks, TINY_INNER, setting, net, crn_seed=0)
     generator = torch.Generator().manual_seed(1)
     for tensor in lifetimes.buffer.values():
         tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return lifetimes
+
+
+def test_gradients_reach_policy_and_memory_through_the_evolved_loss():
+    lifetimes = lifetimes_with_random_buffer(TINY_NET)
     losses = lifetimes.evolved_loss(torch.arange(32, 48))
     assert losses.shape == (2,)
     losses.sum().backward()
@@ -77,21 +78,11 @@ def test_gradients_reach_policy_and_memory_through_the_evolved_loss():
 
 
 def test_context_gradient_switch_only_changes_the_gradient_path():
-    family = "point_goal"
     results = {}
     for context_gradient in (True, False):
-        net = TINY_NET.model_copy(update={"context_gradient": context_gradient})
-        lifetimes = inner_module.Lifetimes(
-            family,
-            sample_tasks(family, "train", 2, 0),
-            TINY_INNER,
-            LossSetting("epg", phi=tiny_phi(family, 1)),
-            net,
-            crn_seed=0,
+        lifetimes = lifetimes_with_random_buffer(
+            TINY_NET.model_copy(update={"context_gradient": context_gradient})
         )
-        generator = torch.Generator().manual_seed(1)
-        for tensor in lifetimes.buffer.values():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator))
         context = None
         if not context_gradient:  # as the update computes it: once, without gradient
             with torch.no_grad():

@@ -21,8 +21,8 @@ from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import make_env
 from ..io import read_json, torch_load, torch_save, write_csv, write_json
 from ..plots import line_plot
-from ..stage import checkpoint_key, remember_run, resumable_run_id
-from ..tracking import StageRun, git_state, register_loss
+from ..stage import resumable_stage_run
+from ..tracking import git_state, register_loss
 from .inner import loss_net_input_dim, policy_spec
 from .loss_net import initial_phi
 from .problem import EPGProblem, OpenAIES, derived_seed, learning_rate, ppo_weight
@@ -93,24 +93,13 @@ def run_evolve(
     checkpoint_dir: Path,
 ) -> dict:
     evolve = config.evolve
-    section = section_dict(config, "evolve")
-    section_hash = params_hash(section)
-    resume_key = checkpoint_key(section_hash)
+    section_hash = params_hash(section_dict(config, "evolve"))
     tasks = load_tasks(tasks_path, evolve.family)
     spec = loss_spec(config, tasks["train"])
     phi_init = initial_phi(spec["input_dim"], evolve.loss_net, derived_seed(config.seed, "phi_init"))
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
 
-    with StageRun(
-        "evolve",
-        section,
-        section_hash,
-        experiment=config.tracking.experiment,
-        resume_run_id=resumable_run_id(checkpoint_dir, resume_key),
-        system_metrics=config.tracking.system_metrics,
-    ) as run:
-        remember_run(checkpoint_dir, resume_key, run.run_id)
+    with resumable_stage_run("evolve", config, checkpoint_dir) as (run, resume_key):
         torch.manual_seed(derived_seed(config.seed, "evolve"))
         problem = EPGProblem(evolve, tasks["train"], phi_init, seed=derived_seed(config.seed, "problem"))
         searcher = OpenAIES(problem, evolve, phi_init)

@@ -24,31 +24,25 @@ log = logging.getLogger(__name__)
 class EvaluatePaths:
     """Inputs and outputs of the stage, all under one root (the project root under DVC)."""
 
+    tasks: Path
+    scores: Path
+    metagrad_models: Path
+    metrics_dir: Path
+    plots_dir: Path
+    reports_dir: Path
     root: Path
 
-    @property
-    def tasks(self) -> Path:
-        return self.root / "data/prepared/tasks.json"
-
-    @property
-    def scores(self) -> Path:
-        return self.root / "data/prepared/atari_scores.json"
-
-    @property
-    def metagrad_models(self) -> Path:
-        return self.root / "models/metagrad"
-
-    @property
-    def metrics_dir(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def plots_dir(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / "reports"
+    @classmethod
+    def under(cls, root: Path) -> EvaluatePaths:
+        return cls(
+            tasks=root / "data/prepared/tasks.json",
+            scores=root / "data/prepared/atari_scores.json",
+            metagrad_models=root / "models/metagrad",
+            metrics_dir=root / "metrics",
+            plots_dir=root / "plots",
+            reports_dir=root / "reports",
+            root=root,
+        )
 
 
 def discover_agents(models_dir: Path) -> dict[str, dict[str, Path]]:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import PipelineConfig, params_hash, section_dict
+from ..config import PipelineConfig
 from ..io import write_csv, write_json
 from ..plots import line_plot, smooth
-from ..stage import checkpoint_key, remember_run, resumable_run_id
-from ..tracking import StageRun
+from ..stage import resumable_stage_run
 from .train import VariantResult, export_model, train_variant, variant_seed
 
 log = logging.getLogger(__name__)
@@ -20,20 +19,8 @@ log = logging.getLogger(__name__)
 def run_metagrad(
     config: PipelineConfig, models_dir: Path, metrics_path: Path, plots_dir: Path, checkpoint_dir: Path
 ) -> dict:
-    section = section_dict(config, "metagrad")
-    section_hash = params_hash(section)
-    resume_key = checkpoint_key(section_hash)
     cfg = config.metagrad
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    with StageRun(
-        "metagrad",
-        section,
-        section_hash,
-        experiment=config.tracking.experiment,
-        resume_run_id=resumable_run_id(checkpoint_dir, resume_key),
-        system_metrics=config.tracking.system_metrics,
-    ) as run:
-        remember_run(checkpoint_dir, resume_key, run.run_id)
+    with resumable_stage_run("metagrad", config, checkpoint_dir) as (run, _):
         run.set_tags({"torch_threads": torch.get_num_threads()})
         results: dict[str, dict[str, VariantResult]] = {}
         for game in cfg.games:
