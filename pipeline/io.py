@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = ""):
@@ -31,6 +34,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = ""):
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -1,0 +1,123 @@
+"""Evaluation arithmetic: confidence intervals, human-normalised scores, promotion, the report."""
+
+import math
+
+import pytest
+from scipy import stats as scipy_stats
+
+from pipeline.evaluation.promotion import decide_promotion
+from pipeline.evaluation.report import render_report
+from pipeline.evaluation.stats import aggregate_hns, human_normalized, mean_ci
+
+
+def test_hns_on_known_numbers():
+    assert human_normalized(-20.7, -20.7, 14.6) == 0.0
+    assert human_normalized(14.6, -20.7, 14.6) == 1.0
+    assert human_normalized(0.0, -20.7, 14.6) == pytest.approx(20.7 / 35.3)
+    assert human_normalized(30.5, 1.7, 30.5) == 1.0  # breakout
+    with pytest.raises(ValueError, match="undefined"):
+        human_normalized(1.0, 2.0, 2.0)
+
+
+def test_median_and_mean_hns_over_games():
+    assert aggregate_hns({"pong": 1.0, "breakout": 3.0, "qbert": 0.5}) == {
+        "median": 1.0,
+        "mean": 1.5,
+        "games": 3,
+    }
+    assert aggregate_hns({"pong": 1.0, "breakout": math.nan}) == {"median": 1.0, "mean": 1.0, "games": 1}
+    assert math.isnan(aggregate_hns({})["median"])
+
+
+def test_student_t_interval():
+    values = [1.0, 2.0, 3.0, 4.0]
+    interval = mean_ci(values, 0.95)
+    half = scipy_stats.t.ppf(0.975, 3) * scipy_stats.tstd(values) / 2.0
+    assert interval.mean == 2.5 and interval.n == 4
+    assert interval.low == pytest.approx(2.5 - half) and interval.high == pytest.approx(2.5 + half)
+    assert mean_ci([5.0]) == (5.0, 5.0, 5.0, 1)
+    assert mean_ci([1.0, math.inf, math.nan, 3.0]).n == 2  # non-finite lifetimes are not averaged
+    assert math.isnan(mean_ci([]).mean)
+    assert mean_ci(values, 0.99).high > interval.high
+
+
+def test_promotion_without_champion_better_and_worse():
+    assert decide_promotion(-40.0, None).promote
+    assert decide_promotion(-40.0, -45.0).promote
+    worse = decide_promotion(-50.0, -45.0)
+    assert not worse.promote and "does not beat" in worse.reason
+    assert not decide_promotion(-45.0, -45.0).promote  # ties keep the champion
+    assert not decide_promotion(math.nan, None).promote
+
+
+def fake_results() -> dict:
+    summary = {
+        "mean": -44.0,
+        "ci_low": -46.0,
+        "ci_high": -42.0,
+        "lifetimes": 80,
+        "nonfinite_lifetimes": 0,
+        "curve": [],
+    }
+    return {
+        "seed": 0,
+        "pipeline_run_id": "abc123",
+        "git_commit": "deadbeef",
+        "loss": {
+            "reference": "models/epg/loss.pt",
+            "version": "3",
+            "generation": 17,
+            "fitness": -40.0,
+            "generations": 20,
+        },
+        "epg": {
+            "family": "point_goal",
+            "env_steps_per_lifetime": 1024,
+            "seeds": 5,
+            "tasks_per_split": {"test": 16, "ood": 16},
+            "splits": {
+                "test": {"evolved": summary, "ppo": {**summary, "mean": -47.5}},
+                "ood": {"evolved": {**summary, "mean": -91.0}},
+            },
+        },
+        "promotion": {"summary": "alias 'champion' moved to version 3: there is no champion yet"},
+        "atari": {
+            "games": {
+                "pong": {
+                    "impala": {
+                        "mean_score": -20.4,
+                        "ci_low": -20.9,
+                        "ci_high": -19.9,
+                        "hns": 0.0085,
+                        "gamma": 0.99,
+                        "lambda": 1.0,
+                        "train_frames": 500000,
+                        "scores": [-20.0] * 10,
+                    }
+                }
+            },
+            "hns": {"impala": {"median": 0.0085, "mean": 0.0085, "games": 1}},
+            "paper_median_hns_percent": {"impala": 191.8},
+        },
+        "figures": {"Learning curves, test tasks": "curves_test.png"},
+        "run_ids": {"evolve": "r1", "evaluate": "r2"},
+        "params": {"seed": 0, "evolve": {"popsize": 16}},
+    }
+
+
+def test_report_holds_tables_figures_params_and_run_ids():
+    report = render_report(fake_results())
+    assert "| test | evolved loss (EPG) | -44.00 | [-46.00, -42.00] | 80 | 0 |" in report
+    assert "| test | PPO | -47.50 |" in report
+    assert "| pong | IMPALA {} | -20.4 [-20.9, -19.9] | 0.9 % | 0.9900 | 1.000 | 500,000 | 10 |" in report
+    assert "191.8 %" in report and "not** produced by this run" in report
+    assert "![Learning curves, test tasks](curves_test.png)" in report
+    assert "`r2`" in report and "popsize: 16" in report
+    assert "moved to version 3" in report
+
+
+def test_report_without_atari_section():
+    results = fake_results()
+    del results["atari"]
+    report = render_report(results)
+    assert "Atari" not in report and "evolved loss" in report
