@@ -7,7 +7,8 @@ Inner update (Espeholt et al. 2018, V-trace actor-critic), on a rollout tau with
                          - c_H * sum_t H(pi_theta(.|s_t))                          (entropy)
     theta' = theta + f(tau, theta, eta),   f = -alpha * P (.) clip(grad_theta L)
 
-with P the RMSProp preconditioner, treated as a constant for the meta-gradient.
+with P the RMSProp preconditioner 1 / sqrt(v + eps) (TensorFlow's RMSProp, as IMPALA: see optim.py),
+treated as a constant for the meta-gradient.
 
 Meta update (Xu et al. 2018, one-step, online cross-validation): on the *next* rollout tau' the
 meta-objective J(tau', theta', eta_bar) is evaluated with fixed gamma_bar and lambda_bar, and eta
@@ -37,6 +38,7 @@ from torch.nn import functional as F
 from ..config import METAGRAD_VARIANTS, MetagradConfig
 from ..nets.atari import AtariActorCritic
 from ..rl.returns import vtrace
+from .optim import TFRMSprop
 
 
 @dataclass
@@ -133,7 +135,7 @@ class MetaGradientLearner:
         self.device = torch.device(device)
         self.net = AtariActorCritic(num_actions, config.network, config.env.stack, config.meta.embedding_dim)
         self.net.to(self.device)
-        self.optimizer = torch.optim.RMSprop(
+        self.optimizer = TFRMSprop(
             self.net.parameters(), lr=config.lr, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps
         )
         decay = (
@@ -207,10 +209,7 @@ class MetaGradientLearner:
         self.optimizer.step()
         self.scheduler.step()
         if self.learned:
-            eps = config.rmsprop_eps
-            preconditioner = {
-                name: 1.0 / (self.optimizer.state[p]["square_avg"].sqrt() + eps) for name, p in params.items()
-            }
+            preconditioner = {name: self.optimizer.preconditioner(p) for name, p in params.items()}
             scale = {name: lr * clip_coef * preconditioner[name] for name in params}
             if keep_graph:
                 # theta' as a differentiable function of eta; numerically equal to the new parameters.
