@@ -70,6 +70,24 @@ class ImpalaTorso(nn.Module):
 
 TORSOS = {"nature": NatureTorso, "impala_resnet": ImpalaTorso}
 
+TORSO_GAIN = 2.0**0.5  # ReLU gain: activations keep their scale through the layers
+POLICY_GAIN = 0.01  # near-uniform initial policy
+VALUE_GAIN = 1.0
+
+
+def orthogonal_init(module: nn.Module, gain: float) -> None:
+    """Orthogonal weights, zero biases for every conv/linear layer in ``module`` (CleanRL, SB3).
+
+    PyTorch's default (uniform, bound 1/sqrt(fan_in)) has gain ~0.58: after the Nature CNN's four ReLU
+    layers the features of a Pong frame are ~30x smaller than with a ReLU gain, the heads see almost
+    constant inputs and, with RMSProp's eps = 0.01 floor, the policy barely moves. Measured here: 9M
+    frames of Pong with the default init ended at maximal entropy (1.78 of ln 6 = 1.79) and -20.2.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            nn.init.orthogonal_(layer.weight, gain)
+            nn.init.zeros_(layer.bias)
+
 
 class AtariActorCritic(nn.Module):
     """Policy logits and state value from stacked frames and the current eta = (gamma, lambda)."""
@@ -87,6 +105,10 @@ class AtariActorCritic(nn.Module):
         features = self.torso.out_features + embedding_dim
         self.policy = nn.Linear(features, num_actions)
         self.value = nn.Linear(features, 1)
+        orthogonal_init(self.torso, TORSO_GAIN)
+        orthogonal_init(self.eta_embedding, TORSO_GAIN)
+        orthogonal_init(self.policy, POLICY_GAIN)
+        orthogonal_init(self.value, VALUE_GAIN)
 
     def forward(self, obs: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs: [N, C, 84, 84] uint8; eta: [2] (gamma, lambda). Returns logits [N, A] and values [N]."""
