@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {losses,profile,ui,games} ...``.
+"""Command line: ``python -m pipeline {losses,profile,ui,curves,games} ...``.
 
 python -m pipeline losses list
 python -m pipeline losses show VERSION|ALIAS
@@ -6,6 +6,7 @@ python -m pipeline losses promote VERSION --alias champion
 python -m pipeline losses export VERSION|ALIAS PATH
 python -m pipeline profile paper        # copy params/paper.yaml over params.yaml (validated first)
 python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
+python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so far, from checkpoints
 python -m pipeline games                # the ALE games this ale-py ships
 """
 
@@ -112,6 +113,28 @@ def cmd_games(args) -> int:
     return 0
 
 
+def cmd_curves(args) -> int:
+    from .metagrad.run import checkpoint_histories, write_curves
+
+    try:
+        histories = checkpoint_histories(Path(args.checkpoints))
+    except FileNotFoundError as error:
+        return _fail(str(error))
+    for path in write_curves(histories, Path(args.out)):
+        print(path)
+    for game, variants in histories.items():
+        for variant, h in variants.items():
+            recent = h.episode_returns[-10:]
+            last = f"{sum(recent) / len(recent):.1f}" if recent else "-"
+            frames = h.update_frames[-1] if h.update_frames else 0
+            print(
+                f"{game}/{variant}: {frames} frames, {len(h.episode_returns)} games, last-10 return {last}, "
+                f"gamma {h.gammas[-1] if h.gammas else float('nan'):.4f}, "
+                f"lambda {h.lambdas[-1] if h.lambdas else float('nan'):.4f}"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+    curves = commands.add_parser(
+        "curves", help="return and gamma/lambda curves from metagrad checkpoints (also of a running stage)"
+    )
+    curves.add_argument("checkpoints", help="a metagrad checkpoint folder, e.g. checkpoints/metagrad")
+    curves.add_argument("--out", required=True, help="folder for the CSVs and PNGs")
+    curves.set_defaults(func=cmd_curves)
 
     games = commands.add_parser("games", help="list the ALE games")
     games.set_defaults(func=cmd_games)

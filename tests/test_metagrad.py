@@ -23,10 +23,12 @@ import yaml
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from pipeline.cli import main as cli_main
 from pipeline.config import AtariEnvConfig, MetaConfig, MetagradConfig
 from pipeline.io import torch_load
 from pipeline.metagrad import train as train_module
 from pipeline.metagrad.learner import MetaGradientLearner, Rollout
+from pipeline.metagrad.run import checkpoint_histories
 from pipeline.metagrad.train import train_variant
 from pipeline.nets.atari import OBS_SCALE, AtariActorCritic
 from pipeline.rl.returns import vtrace
@@ -586,3 +588,38 @@ def test_tf_rmsprop_matches_its_formula_and_starts_its_accumulator_at_one():
     fresh = TFRMSprop([torch.nn.Parameter(param.detach().clone())], lr=0.1, alpha=0.9, eps=0.01)
     fresh.load_state_dict(state)
     assert torch.allclose(fresh.state_dict()["state"][0]["square_avg"], square_avg)
+
+
+def test_curves_command_reads_checkpoints_of_a_stopped_run(trained, tmp_path):
+    """`python -m pipeline curves` renders a run's curves from its checkpoints, without its outputs."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    copy_checkpoint(trained, folder)
+    (folder / "run.json").write_text("{}")  # the stage's run file sits beside the checkpoints
+    histories = checkpoint_histories(folder)
+    assert list(histories) == ["pong"] and list(histories["pong"]) == ["gamma_lambda"]
+    assert histories["pong"]["gamma_lambda"] == trained.result.history
+
+    out = tmp_path / "curves"
+    assert cli_main(["curves", str(folder), "--out", str(out)]) == 0
+    _, rows = read_rows(out / "eta_pong_gamma_lambda.csv")
+    assert [float(r["gamma"]) for r in rows] == pytest.approx(trained.result.history.gammas)
+    assert (out / "returns_pong.png").stat().st_size > 0
+
+    assert cli_main(["curves", str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_nature_network_keeps_feature_scale_and_starts_near_uniform():
+    """ReLU-gain init: features of random frames keep an O(1) scale (PyTorch's default gives ~0.02),
+    and the policy starts almost uniform (policy head gain 0.01)."""
+    torch.manual_seed(0)
+    obs = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8)
+    net = AtariActorCritic(6, "nature")
+    with torch.no_grad():
+        features = net.features(obs)
+        logits, _ = net.heads(features, torch.tensor([0.99, 1.0]))
+    assert features.pow(2).mean().sqrt() > 0.2
+    assert logits.abs().max() < 0.05
+    layers = [m for m in net.torso.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    biases = [layer.bias for layer in layers]
+    assert len(biases) == 4 and all(float(b.abs().max()) == 0.0 for b in biases)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import PipelineConfig
-from ..io import write_csv, write_json
+from ..config import METAGRAD_VARIANTS, PipelineConfig
+from ..io import torch_load, write_csv, write_json
 from ..plots import line_plot, smooth
+from ..prepare import atari_score_table
 from ..stage import resumable_stage_run
-from .train import VariantResult, export_model, train_variant, variant_seed
+from .train import History, VariantResult, export_model, train_variant, variant_seed
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def run_metagrad(
                     result.lambda_,
                     result.frames_per_second,
                 )
-        for path in write_curves(results, plots_dir):
+        histories = {game: {v: r.history for v, r in variants.items()} for game, variants in results.items()}
+        for path in write_curves(histories, plots_dir):
             run.log_artifact(path, artifact_path="plots")
         metrics = {
             game: {
@@ -64,12 +66,11 @@ def run_metagrad(
         return metrics
 
 
-def write_curves(results: dict[str, dict[str, VariantResult]], plots_dir: Path) -> list[Path]:
+def write_curves(histories: dict[str, dict[str, History]], plots_dir: Path) -> list[Path]:
     """Per game: raw return vs frames and gamma/lambda vs frames, as DVC CSVs and PNGs."""
     paths = []
-    for game, variants in results.items():
-        for variant, r in variants.items():
-            h = r.history
+    for game, variants in histories.items():
+        for variant, h in variants.items():
             paths.append(
                 write_csv(
                     plots_dir / f"returns_{game}_{variant}.csv",
@@ -90,29 +91,45 @@ def write_curves(results: dict[str, dict[str, VariantResult]], plots_dir: Path) 
                     fieldnames=["frames", "gamma", "lambda"],
                 )
             )
+        scores = atari_score_table()["games"].get(game)
         paths.append(
             line_plot(
                 plots_dir / f"returns_{game}.png",
-                {
-                    v: (r.history.episode_frames, smooth(r.history.episode_returns, 10))
-                    for v, r in variants.items()
-                },
+                {v: (h.episode_frames, smooth(h.episode_returns, 10)) for v, h in variants.items()},
                 xlabel="frames",
                 ylabel="raw episode return (moving avg of 10)",
                 title=f"{game}: return vs frames",
+                reference_lines={"random": scores["random"], "human": scores["human"]} if scores else None,
             )
         )
         for name, attribute in (("gamma", "gammas"), ("lambda", "lambdas")):
             paths.append(
                 line_plot(
                     plots_dir / f"{name}_{game}.png",
-                    {
-                        v: (r.history.update_frames, getattr(r.history, attribute))
-                        for v, r in variants.items()
-                    },
+                    {v: (h.update_frames, getattr(h, attribute)) for v, h in variants.items()},
                     xlabel="frames",
                     ylabel=name,
                     title=f"{game}: {name} vs frames",
                 )
             )
     return paths
+
+
+def checkpoint_histories(checkpoint_dir: Path) -> dict[str, dict[str, History]]:
+    """Histories of every ``<game>_<variant>.pt`` training checkpoint in a metagrad checkpoint folder.
+
+    Works on a stage that is still running or was stopped: the curves so far, without its outputs.
+    """
+    histories: dict[str, dict[str, History]] = {}
+    for path in sorted(Path(checkpoint_dir).glob("*.pt")):
+        variant = max((v for v in METAGRAD_VARIANTS if path.stem.endswith(f"_{v}")), key=len, default=None)
+        if variant is None:
+            continue
+        game = path.stem[: -len(variant) - 1]
+        histories.setdefault(game, {})[variant] = History(**torch_load(path)["history"])
+    if not histories:
+        raise FileNotFoundError(
+            f"no metagrad training checkpoints (<game>_<variant>.pt with variant one of "
+            f"{', '.join(METAGRAD_VARIANTS)}) in {checkpoint_dir}"
+        )
+    return histories

@@ -105,7 +105,10 @@ class AtariActorCritic(nn.Module):
         features = self.torso.out_features + embedding_dim
         self.policy = nn.Linear(features, num_actions)
         self.value = nn.Linear(features, 1)
-        orthogonal_init(self.torso, TORSO_GAIN)
+        if network == "nature":
+            # Not the ResNet: its residual sums would grow the features ~20x per stack with ReLU-gain
+            # weights (feature RMS 12 vs 0.5 measured); it keeps PyTorch's init, as CleanRL's does.
+            orthogonal_init(self.torso, TORSO_GAIN)
         orthogonal_init(self.eta_embedding, TORSO_GAIN)
         orthogonal_init(self.policy, POLICY_GAIN)
         orthogonal_init(self.value, VALUE_GAIN)
