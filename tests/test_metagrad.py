@@ -621,7 +621,7 @@ def test_nature_network_keeps_feature_scale_and_starts_near_uniform():
     assert features.pow(2).mean().sqrt() > 0.2
     assert logits.abs().max() < 0.05
     layers = [m for m in net.torso.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
-    biases = [layer.bias for layer in layers]
+    biases = [layer.bias.detach() for layer in layers]
     assert len(biases) == 4 and all(float(b.abs().max()) == 0.0 for b in biases)
 
 
