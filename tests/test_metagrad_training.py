@@ -1,0 +1,306 @@
+"""Tests of the metagrad training loop and stage: checkpoints and resume, the stage script's outputs,
+and curves drawn from checkpoints. The learner's maths is tested in test_metagrad.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_metagrad import metagrad_config, one_torch_thread  # noqa: F401  (helpers; autouse fixture)
+
+from pipeline.cli import main as cli_main
+from pipeline.config import MetagradConfig
+from pipeline.io import torch_load
+from pipeline.metagrad import train as train_module
+from pipeline.metagrad.learner import MetaGradientLearner
+from pipeline.metagrad.run import checkpoint_histories
+from pipeline.metagrad.train import train_variant
+from pipeline.nets.atari import AtariActorCritic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------- training loop
+class RecordingTracker:
+    """Stands in for the stage's MLflow run."""
+
+    def __init__(self):
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.flushes = 0
+
+    def queue_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def flush_metrics(self):
+        self.flushes += 1
+
+
+FRAMES_PER_UPDATE = 4 * 5 * 4  # num_envs x unroll x frameskip
+
+
+def training_config(**overrides) -> MetagradConfig:
+    return metagrad_config(
+        **{"frames": 4 * FRAMES_PER_UPDATE, "num_envs": 4, "unroll": 5, "checkpoint_every": 2, **overrides}
+    )
+
+
+@dataclass
+class TrainedRun:
+    config: MetagradConfig
+    checkpoint: Path
+    result: train_module.VariantResult
+    learner: MetaGradientLearner
+    tracker: RecordingTracker
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> TrainedRun:
+    """One short gamma_lambda run on pong: 4 updates, checkpoints after updates 2 and 4."""
+    config = training_config()
+    checkpoint = tmp_path_factory.mktemp("train") / "pong_gamma_lambda.pt"
+    tracker = RecordingTracker()
+    result, learner = train_variant(config, "pong", "gamma_lambda", 0, checkpoint, tracker=tracker)
+    return TrainedRun(config, checkpoint, result, learner, tracker)
+
+
+def copy_checkpoint(run: TrainedRun, folder: Path) -> Path:
+    target = folder / run.checkpoint.name
+    target.write_bytes(run.checkpoint.read_bytes())
+    return target
+
+
+def test_train_variant_learns_eta_and_checkpoints(trained):
+    config, result = trained.config, trained.result
+    assert (result.updates, result.frames) == (4, 4 * FRAMES_PER_UPDATE)
+    assert result.history.update_frames == [FRAMES_PER_UPDATE * k for k in range(1, 5)]
+    metrics = trained.tracker.metrics
+    assert [step for step, _ in metrics] == result.history.update_frames
+    losses = [m[f"pong.gamma_lambda.loss/{k}"] for _, m in metrics for k in ("total", "policy", "baseline")]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    # the first update has nothing to meta-learn yet; afterwards gamma and lambda move
+    assert "pong.gamma_lambda.meta/grad_gamma_logit" not in metrics[0][1]
+    assert all("pong.gamma_lambda.meta/grad_gamma_logit" in m for _, m in metrics[1:])
+    assert result.history.gammas[0] == pytest.approx(config.meta.init_gamma, abs=1e-6)
+    assert result.history.lambdas[0] == pytest.approx(config.meta.init_lambda, abs=1e-6)
+    assert abs(result.gamma - config.meta.init_gamma) > 1e-6
+    assert abs(result.lambda_ - config.meta.init_lambda) > 1e-8  # moved (meta steps are ~1e-5 at most here)
+    assert result.gamma == pytest.approx(trained.learner.eta()[0].item())
+
+    assert trained.checkpoint.exists()
+    state = torch_load(trained.checkpoint)
+    assert (state["updates"], state["frames"], state["done"]) == (4, 4 * FRAMES_PER_UPDATE, True)
+    assert state["history"]["gammas"] == result.history.gammas
+
+
+def test_finished_run_resumes_at_its_end(trained, tmp_path):
+    checkpoint = copy_checkpoint(trained, tmp_path)
+    again, learner = train_variant(trained.config, "pong", "gamma_lambda", 0, checkpoint)
+    assert (again.updates, again.frames) == (4, 4 * FRAMES_PER_UPDATE)  # nothing left to train
+    assert again.history == trained.result.history
+    torch.testing.assert_close(learner.eta_logits, trained.learner.eta_logits, rtol=0, atol=0)
+    for (name, p), q in zip(learner.net.named_parameters(), trained.learner.net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    config = training_config(frames=3 * FRAMES_PER_UPDATE)
+    checkpoint = tmp_path / "pong_gamma_lambda.pt"
+    original_update = MetaGradientLearner.update
+    calls = []
+
+    def dies_in_update_3(self, rollout):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return original_update(self, rollout)
+
+    monkeypatch.setattr(MetaGradientLearner, "update", dies_in_update_3)
+    with pytest.raises(Killed):
+        train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
+    state = torch_load(checkpoint)  # written after update 2
+    assert (state["updates"], state["frames"], state["done"]) == (2, 2 * FRAMES_PER_UPDATE, False)
+    saved = state["history"]
+
+    monkeypatch.setattr(MetaGradientLearner, "update", original_update)
+    result, _ = train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
+    assert (result.updates, result.frames) == (3, 3 * FRAMES_PER_UPDATE)
+    assert result.history.update_frames == [FRAMES_PER_UPDATE * k for k in range(1, 4)]
+    # the earlier entries survive the resume
+    assert result.history.gammas[:2] == saved["gammas"]
+    assert result.history.lambdas[:2] == saved["lambdas"]
+    assert len(result.history.gammas) == 3
+
+
+def start_of_training(config: MetagradConfig, checkpoint: Path, monkeypatch) -> bool:
+    """Run train_variant up to its first rollout (if any is left); True if it resumed from ``checkpoint``."""
+    loaded = []
+    original_load = MetaGradientLearner.load_state_dict
+
+    def spy(self, state):
+        loaded.append(state)
+        original_load(self, state)
+
+    def no_actor(*args, **kwargs):
+        raise Killed  # training would start here
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetaGradientLearner, "load_state_dict", spy)
+        patch.setattr(train_module, "Actor", no_actor)
+        try:
+            train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
+        except Killed:
+            pass
+    return bool(loaded)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(trained, tmp_path, monkeypatch):
+    checkpoint = copy_checkpoint(trained, tmp_path)
+    assert start_of_training(trained.config, checkpoint, monkeypatch) is True  # the spy sees a resume
+    for change in ({"lr": 1e-3}, {"gamma": 0.9}, {"num_envs": 2}):
+        other = trained.config.model_copy(update=change)
+        assert start_of_training(other, checkpoint, monkeypatch) is False, change
+    assert torch_load(checkpoint)["updates"] == 4  # untouched: no run got as far as a checkpoint
+
+
+def test_variant_seed_is_shared_by_variants_and_differs_by_game():
+    assert train_module.variant_seed(0, "pong") == train_module.variant_seed(0, "pong")
+    assert train_module.variant_seed(0, "pong") != train_module.variant_seed(0, "breakout")
+    assert train_module.variant_seed(0, "pong") != train_module.variant_seed(1, "pong")
+
+
+# --------------------------------------------------------------------------------------------- stage script
+STAGE_FRAMES = 1280  # 20 updates of 4 envs x 4 steps x 4 frames per variant
+
+
+def write_params(path: Path, **metagrad) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["metagrad"].update(metagrad)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stage(params: Path, output_root: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+        "PIPELINE_LOG_LEVEL": "WARNING",
+        "PIPELINE_RUN_ID": "test-metagrad",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "stages" / "metagrad.py"),
+            "--params",
+            str(params),
+            "--output-root",
+            str(output_root),
+        ],
+        cwd=cwd,  # MLflow puts the artifacts of a sqlite store under the working directory
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def test_stage_script_writes_models_metrics_and_curves(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    params = write_params(
+        tmp_path / "params.yaml",
+        frames=STAGE_FRAMES,
+        num_envs=4,
+        unroll=4,
+        device="cpu",
+        env={"frameskip": 4, "stack": 4, "noop_max": 30, "max_episode_frames": 108000, "env_threads": 1},
+    )
+    out = tmp_path / "out"
+    done = run_stage(params, out, work)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    updates = STAGE_FRAMES // (4 * 4 * 4)
+    for variant in ("impala", "gamma_lambda"):
+        model = torch_load(out / "models/metagrad/pong" / f"{variant}.pt")
+        assert (model["game"], model["variant"], model["frames"]) == ("pong", variant, STAGE_FRAMES)
+        net = AtariActorCritic(model["num_actions"], model["network"], model["stack"], model["embedding_dim"])
+        net.load_state_dict(model["state_dict"])
+    assert torch_load(out / "models/metagrad/pong/impala.pt")["eta"] == pytest.approx([0.99, 1.0])
+
+    metrics = json.loads((out / "metrics/metagrad.json").read_text())
+    assert set(metrics["pong"]) == {"impala", "gamma_lambda"}
+    for variant, entry in metrics["pong"].items():
+        assert (entry["frames"], entry["updates"]) == (STAGE_FRAMES, updates), variant
+    assert (metrics["pong"]["impala"]["gamma"], metrics["pong"]["impala"]["lambda"]) == pytest.approx(
+        (0.99, 1.0)
+    )
+    assert metrics["pong"]["gamma_lambda"]["gamma"] != pytest.approx(0.99, abs=1e-7)
+    run_id = metrics["mlflow_run_id"]
+    with sqlite3.connect(work / "mlflow.db") as db:
+        status = db.execute("SELECT status FROM runs WHERE run_uuid = ?", (run_id,)).fetchall()
+    assert status == [("FINISHED",)]
+
+    plots = out / "plots/metagrad"
+    for variant in ("impala", "gamma_lambda"):
+        columns, rows = read_rows(plots / f"eta_pong_{variant}.csv")
+        assert columns == ["frames", "gamma", "lambda"]
+        assert [int(r["frames"]) for r in rows] == [64 * k for k in range(1, updates + 1)]
+        columns, rows = read_rows(plots / f"returns_pong_{variant}.csv")
+        assert columns == ["frames", "episode_return"]
+    _, impala_rows = read_rows(plots / "eta_pong_impala.csv")
+    assert all(float(r["gamma"]) == pytest.approx(0.99) and float(r["lambda"]) == 1.0 for r in impala_rows)
+    _, learned_rows = read_rows(plots / "eta_pong_gamma_lambda.csv")
+    assert float(learned_rows[-1]["gamma"]) != float(learned_rows[0]["gamma"])
+    for name in ("returns_pong.png", "gamma_pong.png", "lambda_pong.png"):
+        assert (plots / name).stat().st_size > 0
+
+
+def test_stage_script_rejects_unknown_game_and_writes_nothing(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    params = write_params(tmp_path / "params.yaml", games=["pongg"])
+    out = tmp_path / "out"
+    done = run_stage(params, out, work)
+    assert done.returncode == 2
+    assert "metagrad.games" in done.stderr and "pong" in done.stderr
+    assert not out.exists()
+    assert list(work.iterdir()) == []
+
+
+def test_curves_command_reads_checkpoints_of_a_stopped_run(trained, tmp_path):
+    """`python -m pipeline curves` renders a run's curves from its checkpoints, without its outputs."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    copy_checkpoint(trained, folder)
+    (folder / "run.json").write_text("{}")  # the stage's run file sits beside the checkpoints
+    histories = checkpoint_histories(folder)
+    assert list(histories) == ["pong"] and list(histories["pong"]) == ["gamma_lambda"]
+    assert histories["pong"]["gamma_lambda"] == trained.result.history
+
+    out = tmp_path / "curves"
+    assert cli_main(["curves", str(folder), "--out", str(out)]) == 0
+    _, rows = read_rows(out / "eta_pong_gamma_lambda.csv")
+    assert [float(r["gamma"]) for r in rows] == pytest.approx(trained.result.history.gammas)
+    assert (out / "returns_pong.png").stat().st_size > 0
+
+    assert cli_main(["curves", str(tmp_path / "empty"), "--out", str(out)]) == 2
