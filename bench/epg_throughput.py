@@ -50,7 +50,9 @@ def main() -> None:
     )
     parser.add_argument("--family", default=None, help="default: evolve.family")
     parser.add_argument(
-        "--context-gradient", choices=["true", "false"], default=None,
+        "--context-gradient",
+        choices=["true", "false"],
+        default=None,
         help="override evolve.loss_net.context_gradient",
     )
     args = parser.parse_args()
@@ -92,7 +94,7 @@ def main() -> None:
                 "lifetime_steps": inner.lifetime_steps,
                 "update_every": inner.update_every,
                 "buffer_size": inner.buffer_size,
-        "context_gradient": config.loss_net.context_gradient,
+                "context_gradient": config.loss_net.context_gradient,
                 "torch_threads": torch.get_num_threads(),
                 "cpu": platform.processor() or platform.machine(),
                 "raw_env_steps_per_s": round(raw),
