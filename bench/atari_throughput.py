@@ -24,11 +24,15 @@ from pipeline.metagrad.learner import MetaGradientLearner
 from pipeline.metagrad.train import Actor, resolve_device
 
 
-def timed(function, repeats: int) -> float:
+def timed(function, repeats: int, device: torch.device) -> float:
+    """Seconds per call; on a GPU the queued kernels are waited for (they run asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     function()  # warm-up
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         function()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -64,8 +68,8 @@ def main() -> None:
     actor = Actor(stepper, config.unroll, device)
     rollouts = [actor.collect(baseline)[0] for _ in range(2)]
     observations = rollouts[0].obs[0].to(device)
-    acting = config.num_envs * config.env.frameskip / timed(lambda: baseline.act(observations), 50)
-    learning = frames_per_update / timed(lambda: baseline.update(rollouts[0]), args.updates)
+    acting = config.num_envs * config.env.frameskip / timed(lambda: baseline.act(observations), 50, device)
+    learning = frames_per_update / timed(lambda: baseline.update(rollouts[0]), args.updates, device)
     serial_limit = 1.0 / (1.0 / raw + 1.0 / acting + 1.0 / learning)
 
     def end_to_end(variant: str) -> float:

@@ -1,0 +1,84 @@
+"""The meta-gradient learner on a CUDA GPU: same numbers as on the CPU, training and resume on the GPU.
+
+Skipped where no GPU is present (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_metagrad import A, metagrad_config, one_torch_thread, synthetic_rollout  # noqa: F401
+from test_metagrad_training import FRAMES_PER_UPDATE, Killed, training_config
+
+from pipeline.config import MetaConfig
+from pipeline.io import torch_load
+from pipeline.metagrad.learner import MetaGradientLearner
+from pipeline.metagrad.train import resolve_device, train_variant
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def exact_float32():
+    """TF32 matmuls/convolutions (PyTorch's default for cuDNN convolutions) round to 10 mantissa bits."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def learner_on(device: str, grad_mode: str) -> MetaGradientLearner:
+    config = metagrad_config(meta=MetaConfig(grad_mode=grad_mode, init_gamma=0.9, init_lambda=0.8))
+    torch.manual_seed(0)  # the same initial network on both devices (built on the CPU, then moved)
+    return MetaGradientLearner(config, "gamma_lambda", A, 10, device)
+
+
+def three_updates(learner: MetaGradientLearner) -> list[dict[str, float]]:
+    return [learner.update(synthetic_rollout(seed).to(learner.device)) for seed in (10, 11, 12)]
+
+
+@pytest.mark.parametrize("grad_mode", ["jvp", "naive"])
+def test_cuda_updates_and_meta_gradients_match_the_cpu(grad_mode, exact_float32):
+    cpu, gpu = learner_on("cpu", grad_mode), learner_on("cuda", grad_mode)
+    cpu_stats, gpu_stats = three_updates(cpu), three_updates(gpu)
+    assert all(p.device.type == "cuda" for p in gpu.net.parameters())
+    assert gpu.eta_logits.device.type == "cuda"
+    for key in ("loss/total", "grad_norm", "meta/grad_gamma_logit", "meta/grad_lambda_logit"):
+        assert gpu_stats[-1][key] == pytest.approx(cpu_stats[-1][key], rel=1e-3, abs=1e-6), key
+    torch.testing.assert_close(gpu.eta_logits.cpu(), cpu.eta_logits, rtol=1e-5, atol=1e-7)
+    for (name, p), q in zip(gpu.net.named_parameters(), cpu.net.parameters(), strict=True):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_on_the_gpu_checkpoints_and_resumes_there(tmp_path, monkeypatch):
+    """A run killed in update 3 resumes from the update-2 checkpoint with every state on the GPU."""
+    config = training_config(device="auto", frames=3 * FRAMES_PER_UPDATE)
+    assert resolve_device(config.device).type == "cuda"
+    checkpoint = tmp_path / "pong_gamma_lambda.pt"
+    original_update = MetaGradientLearner.update
+    calls = []
+
+    def dies_in_update_3(self, rollout):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return original_update(self, rollout)
+
+    monkeypatch.setattr(MetaGradientLearner, "update", dies_in_update_3)
+    with pytest.raises(Killed):
+        train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
+    state = torch_load(checkpoint)
+    assert state["updates"] == 2
+    assert len(state["rng"]["cuda"]) == torch.cuda.device_count()  # actions are sampled on the GPU
+
+    monkeypatch.setattr(MetaGradientLearner, "update", original_update)
+    result, learner = train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
+    assert (result.updates, result.history.gammas[:2]) == (3, state["history"]["gammas"])
+    assert learner.eta_logits.device.type == "cuda"
+    optimizer_state = [s["square_avg"] for s in learner.optimizer.state.values()]
+    assert optimizer_state and all(t.device.type == "cuda" for t in optimizer_state)
+    assert all(
+        t.device.type == "cuda"
+        for t in learner.meta_optimizer.state[learner.eta_logits].values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
