@@ -21,7 +21,7 @@ import torch
 from pipeline.config import load_params
 from pipeline.envs.atari import AtariStepper
 from pipeline.metagrad.learner import MetaGradientLearner
-from pipeline.metagrad.train import Actor, resolve_device
+from pipeline.metagrad.train import Actor, limit_cpu_threads_for, resolve_device
 
 
 def timed(function, repeats: int, device: torch.device) -> float:
@@ -42,6 +42,12 @@ def main() -> None:
     parser.add_argument("--game", default=None, help="default: the first of metagrad.games")
     parser.add_argument("--updates", type=int, default=12)
     parser.add_argument("--network", default=None, choices=["nature", "impala_resnet"])
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="default: as the metagrad stage (1 on a GPU, else torch's choice)",
+    )
     args = parser.parse_args()
 
     config = load_params(args.params).metagrad
@@ -49,6 +55,10 @@ def main() -> None:
         config = config.model_copy(update={"network": args.network})
     game = args.game or config.games[0]
     device = resolve_device(config.device)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    else:
+        limit_cpu_threads_for(device)  # what the metagrad stage does
     frames_per_update = config.num_envs * config.unroll * config.env.frameskip
     torch.manual_seed(0)
 

@@ -13,7 +13,7 @@ from test_metagrad_training import FRAMES_PER_UPDATE, Killed, training_config
 from pipeline.config import MetaConfig
 from pipeline.io import torch_load
 from pipeline.metagrad.learner import MetaGradientLearner
-from pipeline.metagrad.train import resolve_device, train_variant
+from pipeline.metagrad.train import limit_cpu_threads_for, resolve_device, train_variant
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,3 +82,13 @@ def test_training_on_the_gpu_checkpoints_and_resumes_there(tmp_path, monkeypatch
         for t in learner.meta_optimizer.state[learner.eta_logits].values()
         if isinstance(t, torch.Tensor) and t.dim() > 0
     )
+
+
+def test_a_gpu_run_leaves_the_cores_to_the_emulator():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        limit_cpu_threads_for(torch.device("cuda"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -176,6 +176,12 @@ def test_checkpoint_of_other_params_is_not_resumed(trained, tmp_path, monkeypatc
     assert torch_load(checkpoint)["updates"] == 4  # untouched: no run got as far as a checkpoint
 
 
+def test_a_cpu_run_keeps_its_torch_threads():
+    threads = torch.get_num_threads()
+    train_module.limit_cpu_threads_for(torch.device("cpu"))
+    assert torch.get_num_threads() == threads
+
+
 def test_variant_seed_is_shared_by_variants_and_differs_by_game():
     assert train_module.variant_seed(0, "pong") == train_module.variant_seed(0, "pong")
     assert train_module.variant_seed(0, "pong") != train_module.variant_seed(0, "breakout")

@@ -12,7 +12,15 @@ from ..io import torch_load, write_csv, write_json
 from ..plots import line_plot, smooth
 from ..prepare import atari_score_table
 from ..stage import resumable_stage_run
-from .train import History, VariantResult, export_model, train_variant, variant_seed
+from .train import (
+    History,
+    VariantResult,
+    export_model,
+    limit_cpu_threads_for,
+    resolve_device,
+    train_variant,
+    variant_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +29,7 @@ def run_metagrad(
     config: PipelineConfig, models_dir: Path, metrics_path: Path, plots_dir: Path, checkpoint_dir: Path
 ) -> dict:
     cfg = config.metagrad
+    limit_cpu_threads_for(resolve_device(cfg.device))
     with resumable_stage_run("metagrad", config, checkpoint_dir) as (run, _):
         run.set_tags({"torch_threads": torch.get_num_threads()})
         results: dict[str, dict[str, VariantResult]] = {}
