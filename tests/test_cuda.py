@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_metagrad import A, metagrad_config, one_torch_thread, synthetic_rollout  # noqa: F401
-from test_metagrad_training import FRAMES_PER_UPDATE, Killed, training_config
+from test_metagrad_training import FRAMES_PER_UPDATE, train_until_killed_in_update_3, training_config
 
 from pipeline.config import MetaConfig
-from pipeline.io import torch_load
 from pipeline.metagrad.learner import MetaGradientLearner
 from pipeline.metagrad.train import limit_cpu_threads_for, resolve_device, train_variant
 
@@ -55,23 +54,10 @@ def test_training_on_the_gpu_checkpoints_and_resumes_there(tmp_path, monkeypatch
     config = training_config(device="auto", frames=3 * FRAMES_PER_UPDATE)
     assert resolve_device(config.device).type == "cuda"
     checkpoint = tmp_path / "pong_gamma_lambda.pt"
-    original_update = MetaGradientLearner.update
-    calls = []
-
-    def dies_in_update_3(self, rollout):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Killed
-        return original_update(self, rollout)
-
-    monkeypatch.setattr(MetaGradientLearner, "update", dies_in_update_3)
-    with pytest.raises(Killed):
-        train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
-    state = torch_load(checkpoint)
+    state = train_until_killed_in_update_3(config, checkpoint, monkeypatch)
     assert state["updates"] == 2
     assert len(state["rng"]["cuda"]) == torch.cuda.device_count()  # actions are sampled on the GPU
 
-    monkeypatch.setattr(MetaGradientLearner, "update", original_update)
     result, learner = train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
     assert (result.updates, result.history.gammas[:2]) == (3, state["history"]["gammas"])
     assert learner.eta_logits.device.type == "cuda"

@@ -116,9 +116,8 @@ class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    config = training_config(frames=3 * FRAMES_PER_UPDATE)
-    checkpoint = tmp_path / "pong_gamma_lambda.pt"
+def train_until_killed_in_update_3(config: MetagradConfig, checkpoint: Path, monkeypatch) -> dict:
+    """A gamma_lambda run that dies inside its third update; returns the checkpoint it left."""
     original_update = MetaGradientLearner.update
     calls = []
 
@@ -128,14 +127,20 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
             raise Killed
         return original_update(self, rollout)
 
-    monkeypatch.setattr(MetaGradientLearner, "update", dies_in_update_3)
-    with pytest.raises(Killed):
-        train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
-    state = torch_load(checkpoint)  # written after update 2
+    with monkeypatch.context() as patch:
+        patch.setattr(MetaGradientLearner, "update", dies_in_update_3)
+        with pytest.raises(Killed):
+            train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
+    return torch_load(checkpoint)
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    config = training_config(frames=3 * FRAMES_PER_UPDATE)
+    checkpoint = tmp_path / "pong_gamma_lambda.pt"
+    state = train_until_killed_in_update_3(config, checkpoint, monkeypatch)  # written after update 2
     assert (state["updates"], state["frames"], state["done"]) == (2, 2 * FRAMES_PER_UPDATE, False)
     saved = state["history"]
 
-    monkeypatch.setattr(MetaGradientLearner, "update", original_update)
     result, _ = train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
     assert (result.updates, result.frames) == (3, 3 * FRAMES_PER_UPDATE)
     assert result.history.update_frames == [FRAMES_PER_UPDATE * k for k in range(1, 4)]
