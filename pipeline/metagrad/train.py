@@ -41,7 +41,7 @@ def limit_cpu_threads_for(device: torch.device) -> None:
     """On a GPU the CPU only copies frames and launches kernels: one torch thread, so that torch's
     spinning thread pool does not take cores from ALE's emulator threads. Measured on an H100 machine
     (16 cores, paper profile, bench/atari_throughput.py): 24 073 frames/s end to end with 1 thread,
-    11 519 with torch's default 16 (README "GPU")."""
+    11 519 with torch's default 16 (README "On a GPU")."""
     if device.type == "cuda" and torch.get_num_threads() != 1:
         log.info(
             "device %s: torch CPU threads %d -> 1 (ALE's threads keep the cores)",
