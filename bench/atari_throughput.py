@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from pipeline.config import load_params
+from pipeline.devices import resolve_device
 from pipeline.envs.atari import AtariStepper
 from pipeline.metagrad.learner import MetaGradientLearner
-from pipeline.metagrad.train import Actor, limit_cpu_threads_for, resolve_device
+from pipeline.metagrad.train import Actor, limit_cpu_threads_for
 
 
 def timed(function, repeats: int, device: torch.device) -> float:
@@ -54,7 +55,7 @@ def main() -> None:
     if args.network:
         config = config.model_copy(update={"network": args.network})
     game = args.game or config.games[0]
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, "metagrad.device")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     else:

@@ -32,6 +32,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Device = Literal["auto", "cpu", "cuda"]  # "auto": a CUDA GPU when torch sees one, else the CPU
 
 
 class ConfigError(Exception):
@@ -169,6 +170,7 @@ class EvolveConfig(Frozen):
     adam_beta2: Probability = 0.999
     ppo_anneal_fraction: Fraction = 0.125
     num_actors: Annotated[int, Field(ge=0)] = 0
+    device: Device = "auto"  # where the lifetimes run; "auto" takes a CUDA GPU when torch sees one
     checkpoint_every: PositiveInt = 5
     inner: InnerLoopConfig = InnerLoopConfig()
     loss_net: LossNetConfig = LossNetConfig()
@@ -216,7 +218,7 @@ class MetagradConfig(Frozen):
     num_envs: PositiveInt = 32
     unroll: PositiveInt = 20
     network: Literal["nature", "impala_resnet"] = "nature"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     lr: PositiveFloat = 6e-4
     lr_decay: bool = True  # linearly to 0 over `frames`
     rmsprop_alpha: Probability = 0.99
@@ -268,6 +270,7 @@ class EpgEvalConfig(Frozen):
     max_tasks_per_split: PositiveInt = 16
     curve_points: PositiveInt = 16
     confidence: Probability = 0.95
+    device: Device = "auto"  # where the evaluation lifetimes run
 
 
 class AtariEvalConfig(Frozen):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from pipeline.config import (
     params_hash,
     section_dict,
 )
+from pipeline.devices import resolve_device
 
 PROJECT = Path(__file__).resolve().parents[1]
 PARAM_FILES = [PROJECT / "params.yaml", *sorted((PROJECT / "params").glob("*.yaml"))]
@@ -368,3 +370,13 @@ def test_stage_hash_only_depends_on_its_own_section(raw_params):
     other = PipelineConfig.model_validate(changed)
     assert params_hash(section_dict(base, "evolve")) == params_hash(section_dict(other, "evolve"))
     assert params_hash(section_dict(base, "metagrad")) != params_hash(section_dict(other, "metagrad"))
+
+
+def test_device_params_resolve_with_errors_that_name_the_key():
+    assert resolve_device("cpu", "evolve.device") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"evaluate\.epg\.device is 'tpu'; allowed: auto, cpu, cuda"):
+        resolve_device("tpu", "evaluate.epg.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"evolve\.device is 'cuda' but no CUDA device"):
+            resolve_device("cuda", "evolve.device")

@@ -1,4 +1,5 @@
-"""The meta-gradient learner on a CUDA GPU: same numbers as on the CPU, training and resume on the GPU.
+"""The meta-gradient learner and the EPG inner loop on a CUDA GPU: same numbers as on the CPU, training
+and resume on the GPU.
 
 Skipped where no GPU is present (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
 """
@@ -7,12 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from epg_helpers import TINY_INNER, TINY_NET, evolve_config, tiny_phi
 from test_metagrad import A, metagrad_config, one_torch_thread, synthetic_rollout  # noqa: F401
 from test_metagrad_training import FRAMES_PER_UPDATE, train_until_killed_in_update_3, training_config
 
 from pipeline.config import MetaConfig
+from pipeline.devices import resolve_device
+from pipeline.envs.tasks import sample_tasks
+from pipeline.epg.inner import LossSetting, run_lifetimes
 from pipeline.metagrad.learner import MetaGradientLearner
-from pipeline.metagrad.train import limit_cpu_threads_for, resolve_device, train_variant
+from pipeline.metagrad.train import limit_cpu_threads_for, train_variant
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -78,3 +83,36 @@ def test_a_gpu_run_leaves_the_cores_to_the_emulator():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ EPG
+@pytest.mark.parametrize("method", ["epg", "ppo"])
+def test_epg_lifetimes_on_the_gpu_equal_the_cpu(exact_float32, method):
+    """Same CPU-drawn random numbers on both devices: only float rounding differs."""
+    tasks = sample_tasks("point_goal", "train", 3, 1)
+    setting = (
+        LossSetting("epg", phi=tiny_phi("point_goal", 2), alpha=0.5)
+        if method == "epg"
+        else LossSetting("ppo", num_members=2)
+    )
+    cpu = run_lifetimes("point_goal", tasks, TINY_INNER, setting, TINY_NET, 7, "cpu")
+    gpu = run_lifetimes("point_goal", tasks, TINY_INNER, setting, TINY_NET, 7, "cuda")
+    assert gpu.fitness.device.type == "cpu"  # results always come back to the host
+    assert torch.isfinite(gpu.fitness).all()
+    assert torch.allclose(gpu.fitness, cpu.fitness, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(gpu.curve, cpu.curve, rtol=1e-3, atol=1e-3, equal_nan=True)
+    assert gpu.env_steps == cpu.env_steps
+
+
+def test_evolve_problem_evaluates_on_the_gpu(exact_float32):
+    pytest.importorskip("ray", reason="EvoTorch imports Ray")
+    from pipeline.epg.problem import EPGProblem
+
+    config = evolve_config(device="cuda")
+    tasks = sample_tasks("point_goal", "train", 8, 0)
+    phis = tiny_phi("point_goal", 3)
+    gpu = EPGProblem(config, tasks, phis[0], seed=11).evaluate_phis(phis, generation=0)
+    cpu = EPGProblem(config.model_copy(update={"device": "cpu"}), tasks, phis[0], seed=11).evaluate_phis(
+        phis, generation=0
+    )
+    assert torch.allclose(gpu.fitness, cpu.fitness, rtol=1e-3, atol=1e-3)

@@ -8,29 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from epg_helpers import TINY_INNER, TINY_NET, evolve_config, tiny_phi
 from evotorch import Problem
 from torch.func import vmap
 
 from pipeline.config import EvolveConfig, InnerLoopConfig, LossNetConfig
 from pipeline.envs.tasks import make_env, sample_tasks
 from pipeline.epg import inner as inner_module
-from pipeline.epg.inner import LossSetting, loss_net_input_dim, policy_spec, run_lifetimes
-from pipeline.epg.loss_net import LossNetwork, ParamLayout, apply_loss_net, initial_phi
+from pipeline.epg.inner import LossSetting, run_lifetimes
+from pipeline.epg.loss_net import LossNetwork, ParamLayout, apply_loss_net
 from pipeline.epg.problem import EPGProblem, OpenAIES, learning_rate, ppo_weight
-
-TINY_INNER = InnerLoopConfig(
-    lifetime_steps=96, update_every=32, buffer_size=64, minibatch_size=16, fitness_episodes=2
-)
-TINY_NET = LossNetConfig(memory_units=4)
-
-
-def tiny_phi(family: str, members: int, scale: float = 0.05, seed: int = 0) -> torch.Tensor:
-    tasks = sample_tasks(family, "train", 1, 0)
-    env = make_env(family, tasks)
-    dim = loss_net_input_dim(env, policy_spec(env, TINY_INNER), TINY_NET.memory_units)
-    base = initial_phi(dim, TINY_NET, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    return base + scale * torch.randn(members, base.numel(), generator=generator)
 
 
 # ----------------------------------------------------------------------------------------- loss network
@@ -154,20 +141,6 @@ def test_loss_setting_rejects_unknown_methods_and_missing_phi():
 
 
 # ----------------------------------------------------------------------------------------- outer loop
-def evolve_config(**overrides) -> EvolveConfig:
-    base = dict(
-        family="point_goal",
-        generations=4,
-        popsize=4,
-        workers=2,
-        sigma=0.05,
-        checkpoint_every=2,
-        inner=TINY_INNER.model_dump(),
-        loss_net=TINY_NET.model_dump(),
-    )
-    return EvolveConfig(**{**base, **overrides})
-
-
 def run_generations(config: EvolveConfig, generations: int) -> torch.Tensor:
     tasks = sample_tasks(config.family, "train", 8, 0)
     phi0 = tiny_phi(config.family, 1, scale=0.0)[0]

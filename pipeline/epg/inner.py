@@ -8,7 +8,8 @@ policies stacked along a leading dimension, ``torch.func.vmap`` over members (ph
 
 Common random numbers: every random draw (policy init, action noise, resets, minibatch order) is made
 for the W workers and shared by all members, so members differ only through their loss. The same
-seed therefore gives the same lifetime whether a member runs alone or inside the batch.
+seed therefore gives the same lifetime whether a member runs alone or inside the batch. The draws come
+from a CPU generator on every device, so a GPU run meets the very same random numbers as a CPU run.
 
 The loss is one of ``epg`` (the evolved loss L_phi, optionally mixed with PPO: (1 - alpha) L_phi +
 alpha L_PPO), ``ppo`` or ``pg`` (REINFORCE with a learned baseline); the evaluation baselines reuse
@@ -84,26 +85,39 @@ def run_lifetimes(
     loss: LossSetting,
     loss_net_config: LossNetConfig,
     crn_seed: int,
+    device: torch.device | str = "cpu",
 ) -> LifetimeResult:
-    """Train P x W fresh policies (P members, W = len(tasks) workers) in one batched computation."""
-    return Lifetimes(family, tasks, config, loss, loss_net_config, crn_seed).run()
+    """Train P x W fresh policies (P members, W = len(tasks) workers) in one batched computation on
+    ``device``; the result's tensors are on the CPU."""
+    return Lifetimes(family, tasks, config, loss, loss_net_config, crn_seed, device).run()
 
 
 class Lifetimes:
     """The state of P x W lifetimes trained together; parameters are stacked [P * W, ...] leaves."""
 
-    def __init__(self, family, tasks, config: InnerLoopConfig, loss: LossSetting, loss_net_config, crn_seed):
+    def __init__(
+        self,
+        family,
+        tasks,
+        config: InnerLoopConfig,
+        loss: LossSetting,
+        loss_net_config,
+        crn_seed,
+        device="cpu",
+    ):
         self.family, self.tasks, self.config, self.loss = family, tasks, config, loss
         self.loss_net_config = loss_net_config
+        self.device = torch.device(device)
+        self.phi = loss.phi.to(self.device) if loss.phi is not None else None
         self.members, self.workers = loss.members, len(tasks)
         self.lifetimes = self.members * self.workers
-        self.env = make_env(family, tasks * self.members)  # copy index = member * W + worker
+        self.env = make_env(family, tasks * self.members, device=self.device)  # copy = member * W + worker
         self.spec = policy_spec(self.env, config)
         self.generator = torch.Generator().manual_seed(int(crn_seed))
         self.head_fn = partial(pol.policy_head, self.spec)  # stacked params, inputs [L, rows, obs]
 
         def leaves(params: dict) -> dict:
-            return {k: self.per_worker(v).clone().requires_grad_() for k, v in params.items()}
+            return {k: self.per_worker(v.to(self.device)).clone().requires_grad_() for k, v in params.items()}
 
         self.policy = leaves(pol.init_policy(self.spec, self.workers, self.generator))
         self.value = (
@@ -120,8 +134,8 @@ class Lifetimes:
         if loss.method == "epg":
             template = LossNetwork(loss_net_input_dim(self.env, self.spec, units), loss_net_config)
             layout = ParamLayout.of(template)
-            if loss.phi.shape[1] != layout.size:
-                raise ValueError(f"phi has {loss.phi.shape[1]} entries, the loss network needs {layout.size}")
+            if self.phi.shape[1] != layout.size:
+                raise ValueError(f"phi has {self.phi.shape[1]} entries, the loss network needs {layout.size}")
             # vmap over members (own phi), inside it over workers (shared phi).
             context = vmap(partial(loss_context, template, layout), in_dims=(None, 0))
             self.loss_context = vmap(context, in_dims=(0, 0))  # (phi [P], buffer [P, W, N, D]) -> [P, W, C]
@@ -133,14 +147,17 @@ class Lifetimes:
         # window of the last M steps that the next update trains on.
         n, m, lifetimes = config.buffer_size, config.update_every, self.lifetimes
         self.buffer = {
-            "obs": torch.zeros(n, lifetimes, self.env.obs_dim),
-            "act": torch.zeros(n, lifetimes, self.spec.action_features),
-            "rew": torch.zeros(n, lifetimes),
-            "done": torch.zeros(n, lifetimes),
+            "obs": self.zeros(n, lifetimes, self.env.obs_dim),
+            "act": self.zeros(n, lifetimes, self.spec.action_features),
+            "rew": self.zeros(n, lifetimes),
+            "done": self.zeros(n, lifetimes),
         }
-        self.window = {key: torch.zeros(m, *value.shape[1:]) for key, value in self.buffer.items()}
-        self.window["logp"] = torch.zeros(m, lifetimes)
-        self.dead = torch.zeros(lifetimes, dtype=torch.bool)
+        self.window = {key: self.zeros(m, *value.shape[1:]) for key, value in self.buffer.items()}
+        self.window["logp"] = self.zeros(m, lifetimes)
+        self.dead = self.zeros(lifetimes, dtype=torch.bool)
+
+    def zeros(self, *shape: int, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=self.device)
 
     def per_worker(self, x: torch.Tensor) -> torch.Tensor:
         """Draws made for the W workers, shared by every member: [W, ...] -> [P * W, ...]."""
@@ -151,14 +168,15 @@ class Lifetimes:
             yield from params.values()
 
     def draw(self, *shape: int, normal: bool = False) -> torch.Tensor:
-        return (torch.randn if normal else torch.rand)(*shape, generator=self.generator)
+        """Drawn on the CPU generator (identical streams on every device), then moved."""
+        return (torch.randn if normal else torch.rand)(*shape, generator=self.generator).to(self.device)
 
     # ------------------------------------------------------------------------------------ the lifetime
     def run(self) -> LifetimeResult:
         config, env, spec, lifetimes = self.config, self.env, self.spec, self.lifetimes
         steps_per_update = config.update_every
-        episode_sum, episode_count = torch.zeros(lifetimes), torch.zeros(lifetimes)
-        total_sum, total_count = torch.zeros(lifetimes), torch.zeros(lifetimes)
+        episode_sum, episode_count = self.zeros(lifetimes), self.zeros(lifetimes)
+        total_sum, total_count = self.zeros(lifetimes), self.zeros(lifetimes)
         curve, curve_steps = [], []
         obs = env.reset(self.per_worker(self.draw(self.workers, env.noise_dim)))
         window = self.window
@@ -194,7 +212,7 @@ class Lifetimes:
 
         env_steps = lifetimes * config.lifetime_steps
         lifetime_returns = torch.where(total_count > 0, total_sum / total_count.clamp_min(1), torch.nan)
-        final_returns = torch.full((lifetimes,), torch.nan)
+        final_returns = torch.full((lifetimes,), torch.nan, device=self.device)
         if config.fitness == "final_episodes":
             final_returns, extra_steps = self.final_episodes(config.fitness_episodes)
             env_steps += extra_steps
@@ -202,7 +220,7 @@ class Lifetimes:
         fitness = torch.where(self.dead | ~torch.isfinite(fitness), -torch.inf, fitness)
 
         def grid(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(*x.shape[:-1], self.members, self.workers)
+            return x.reshape(*x.shape[:-1], self.members, self.workers).cpu()
 
         return LifetimeResult(
             fitness=grid(fitness),
@@ -234,16 +252,16 @@ class Lifetimes:
                     stop_value_gradients=True,
                 )
                 advantages = returns - values
-        bad = torch.zeros(self.lifetimes, dtype=torch.bool)
+        bad = self.zeros(self.lifetimes, dtype=torch.bool)
         first_new_step = config.buffer_size - config.update_every  # where the window sits in the buffer
         fixed_context = None
         if loss.method == "epg" and not self.loss_net_config.context_gradient:
             with torch.no_grad():  # an input summarising the buffer under the policy before this update
-                fixed_context = self.loss_context(self.loss.phi, self.loss_inputs(slice(None)))
+                fixed_context = self.loss_context(self.phi, self.loss_inputs(slice(None)))
         for _ in range(config.epochs):
-            order = torch.randperm(config.update_every, generator=self.generator)
+            order = torch.randperm(config.update_every, generator=self.generator).to(self.device)
             for batch in order.split(config.minibatch_size):
-                total = torch.zeros(self.lifetimes)
+                total = self.zeros(self.lifetimes)
                 if loss.method == "epg":
                     total = (1.0 - loss.alpha) * self.evolved_loss(batch + first_new_step, fixed_context)
                 if loss.uses_value:
@@ -287,11 +305,11 @@ class Lifetimes:
         outputs at every buffer step (the official code); otherwise a precomputed constant."""
         if context is None:
             everything = self.loss_inputs(slice(None))
-            context = self.loss_context(self.loss.phi, everything)
+            context = self.loss_context(self.phi, everything)
             steps = everything[:, :, step_index]
         else:
             steps = self.loss_inputs(step_index)
-        per_step = self.step_losses(self.loss.phi, steps, context)  # [P, W, batch]
+        per_step = self.step_losses(self.phi, steps, context)  # [P, W, batch]
         return per_step.mean(-1).reshape(self.lifetimes)
 
     def policy_gradient_loss(self, batch, advantages, returns) -> torch.Tensor:
@@ -316,13 +334,17 @@ class Lifetimes:
     def final_episodes(self, episodes: int) -> tuple[torch.Tensor, int]:
         """Mean return of ``episodes`` fresh episodes per lifetime with the trained policy, in parallel."""
         members, workers, lifetimes, spec = self.members, self.workers, self.lifetimes, self.spec
-        env = make_env(self.family, [t for _ in range(members) for t in self.tasks for _ in range(episodes)])
+        env = make_env(
+            self.family,
+            [t for _ in range(members) for t in self.tasks for _ in range(episodes)],
+            device=self.device,
+        )
 
         def per_worker(x: torch.Tensor) -> torch.Tensor:  # [W, K, ...] -> [P * W * K, ...]
             return x.unsqueeze(0).expand(members, *x.shape).reshape(lifetimes * episodes, *x.shape[2:])
 
         obs = env.reset(per_worker(self.draw(workers, episodes, env.noise_dim)))
-        first_return = torch.full((lifetimes * episodes,), torch.nan)
+        first_return = torch.full((lifetimes * episodes,), torch.nan, device=self.device)
         with torch.no_grad():
             for _ in range(env.max_episode_steps):
                 head = self.head_fn(self.policy, obs.reshape(lifetimes, episodes, -1)).reshape(

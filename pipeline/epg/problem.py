@@ -23,6 +23,7 @@ from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import PGPE
 
 from ..config import EvolveConfig
+from ..devices import resolve_device
 from .inner import LossSetting, run_lifetimes
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class EPGProblem(Problem):
             LossSetting("epg", phi=phis, alpha=ppo_weight(self.config, generation)),
             self.config.loss_net,
             self.crn_seed(generation),
+            resolve_device(self.config.device, "evolve.device"),
         )
 
     # ---------------------------------------------------------------- EvoTorch hooks

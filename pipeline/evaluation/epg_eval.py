@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import EpgEvalConfig, InnerLoopConfig, LossNetConfig
+from ..devices import resolve_device
 from ..epg.inner import LossSetting, run_lifetimes
 from ..epg.loss_net import initial_phi
 from ..epg.problem import derived_seed
@@ -84,6 +85,7 @@ def evaluate_loss(
     """
     inner = InnerLoopConfig(**{**loss["inner"], "fitness": "final_episodes"})
     loss_net = LossNetConfig(**loss["loss_net"])
+    device = resolve_device(config.device, "evaluate.epg.device")
     phis = {}
     if "evolved" in config.methods:
         phis["evolved"] = loss["phi"].float()
@@ -106,6 +108,7 @@ def evaluate_loss(
                 LossSetting("epg", phi=torch.stack([phis[n] for n in names])),
                 loss_net,
                 crn_seed,
+                device,
             )
             for index, name in enumerate(names):
                 runs[name] = (result, index)
@@ -113,7 +116,13 @@ def evaluate_loss(
             if method in config.methods:
                 log.info("%s: training %d lifetimes with %s", split, len(lifetimes), method)
                 result = run_lifetimes(
-                    loss["family"], lifetimes, inner, LossSetting(method, num_members=1), loss_net, crn_seed
+                    loss["family"],
+                    lifetimes,
+                    inner,
+                    LossSetting(method, num_members=1),
+                    loss_net,
+                    crn_seed,
+                    device,
                 )
                 runs[method] = (result, 0)
         results[split] = {

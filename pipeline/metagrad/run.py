@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import METAGRAD_VARIANTS, PipelineConfig
+from ..devices import resolve_device
 from ..io import torch_load, write_csv, write_json
 from ..plots import line_plot, smooth
 from ..prepare import atari_score_table
@@ -17,7 +18,6 @@ from .train import (
     VariantResult,
     export_model,
     limit_cpu_threads_for,
-    resolve_device,
     train_variant,
     variant_seed,
 )
@@ -29,7 +29,7 @@ def run_metagrad(
     config: PipelineConfig, models_dir: Path, metrics_path: Path, plots_dir: Path, checkpoint_dir: Path
 ) -> dict:
     cfg = config.metagrad
-    limit_cpu_threads_for(resolve_device(cfg.device))
+    limit_cpu_threads_for(resolve_device(cfg.device, "metagrad.device"))
     with resumable_stage_run("metagrad", config, checkpoint_dir) as (run, _):
         run.set_tags({"torch_threads": torch.get_num_threads()})
         results: dict[str, dict[str, VariantResult]] = {}

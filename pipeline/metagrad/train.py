@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import MetagradConfig, params_hash
+from ..devices import resolve_device
 from ..envs.atari import AtariStepper
 from ..io import torch_load, torch_save
 from ..stage import code_fingerprint
@@ -27,14 +28,6 @@ from .learner import MetaGradientLearner, Rollout
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_SECONDS = 60
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("metagrad.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    return torch.device(name)
 
 
 def limit_cpu_threads_for(device: torch.device) -> None:
@@ -137,7 +130,7 @@ def train_variant(
     tracker=None,
 ) -> tuple[VariantResult, MetaGradientLearner]:
     """Train one variant on one game for ``config.frames`` frames, resuming from ``checkpoint_path``."""
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, "metagrad.device")
     frames_per_update = config.num_envs * config.unroll * config.env.frameskip
     total_updates = max(1, -(-config.frames // frames_per_update))
     config_hash = params_hash(
