@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {losses,profile,ui,curves,games} ...``.
+"""Command line: ``python -m pipeline {losses,profile,ui,curves,score,games} ...``.
 
 python -m pipeline losses list
 python -m pipeline losses show VERSION|ALIAS
@@ -7,6 +7,8 @@ python -m pipeline losses export VERSION|ALIAS PATH
 python -m pipeline profile paper        # copy params/paper.yaml over params.yaml (validated first)
 python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
 python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so far, from checkpoints
+python -m pipeline score runs/learn/models/metagrad --episodes 30 --out score.json
+                                        # no-op-start scores of trained agents (GAME/VARIANT.pt)
 python -m pipeline games                # the ALE games this ale-py ships
 """
 
@@ -135,6 +137,46 @@ def cmd_curves(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from .config import AtariEvalConfig
+    from .evaluation.atari_eval import evaluate_agents
+    from .evaluation.run import discover_agents
+    from .io import write_json
+    from .prepare import atari_score_table
+
+    models = Path(args.models)
+    agents = discover_agents(models)
+    if not agents:
+        return _fail(f"no agents in {models} (expected GAME/VARIANT.pt files, as in models/metagrad)")
+    config = AtariEvalConfig(episodes=args.episodes)
+    results = evaluate_agents(agents, atari_score_table(), config, args.seed, args.confidence)
+    for game, variants in results["games"].items():
+        for variant, r in variants.items():
+            print(
+                f"{game}/{variant}: mean raw score {r['mean_score']:.2f} "
+                f"({args.confidence:.0%} CI {r['ci_low']:.2f} to {r['ci_high']:.2f}) over "
+                f"{len(r['scores'])} no-op-start episodes, human-normalised {100 * r['hns']:.1f} %, "
+                f"trained {r['train_frames']} frames, gamma {r['gamma']:.5f}, lambda {r['lambda']:.5f}"
+            )
+    if args.out:
+        print(write_json(Path(args.out), {**results, "models": str(models), "seed": args.seed}))
+    return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     curves.add_argument("checkpoints", help="a metagrad checkpoint folder, e.g. checkpoints/metagrad")
     curves.add_argument("--out", required=True, help="folder for the CSVs and PNGs")
     curves.set_defaults(func=cmd_curves)
+
+    score = commands.add_parser(
+        "score", help="no-op-start Atari scores (raw and human-normalised) of trained metagrad agents"
+    )
+    score.add_argument("models", help="a folder of GAME/VARIANT.pt agents, e.g. runs/learn/models/metagrad")
+    score.add_argument("--episodes", type=positive_int, default=30, help="episodes per agent (default 30)")
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--confidence", type=probability, default=0.95, help="of the intervals (default 0.95)")
+    score.add_argument("--out", help="also write the full results (every episode) as JSON here")
+    score.set_defaults(func=cmd_score)
 
     games = commands.add_parser("games", help="list the ALE games")
     games.set_defaults(func=cmd_games)

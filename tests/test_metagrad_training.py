@@ -315,3 +315,24 @@ def test_curves_command_reads_checkpoints_of_a_stopped_run(trained, tmp_path):
     assert (out / "returns_pong.png").stat().st_size > 0
 
     assert cli_main(["curves", str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_score_command_plays_trained_agents(trained, tmp_path, capsys):
+    """`python -m pipeline score` gives no-op-start raw and human-normalised scores of exported agents."""
+    models = tmp_path / "models"
+    train_module.export_model(
+        trained.learner, trained.result, trained.config, models / "pong/gamma_lambda.pt"
+    )
+    out = tmp_path / "score.json"
+    assert cli_main(["score", str(models), "--episodes", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["games"]["pong"]["gamma_lambda"]
+    assert len(result["scores"]) == 2 and all(-21 <= s <= 21 for s in result["scores"])
+    assert result["mean_score"] == pytest.approx(sum(result["scores"]) / 2)
+    assert result["hns"] == pytest.approx((result["mean_score"] + 20.7) / (14.6 + 20.7))
+    assert result["gamma"] == pytest.approx(trained.result.gamma)
+    assert all(1 <= n <= 30 for n in result["noops"])
+    assert "pong/gamma_lambda: mean raw score" in capsys.readouterr().out
+
+    assert cli_main(["score", str(tmp_path / "empty")]) == 2
+    with pytest.raises(SystemExit):
+        cli_main(["score", str(models), "--episodes", "0"])
