@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from .config import Device
+
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
