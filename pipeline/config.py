@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TASK_FAMILIES = ("point_goal", "random_cartpole")
+TaskFamily = Literal["point_goal", "random_cartpole", "random_hopper"]
 SPLITS = ("test", "ood")
 METAGRAD_VARIANTS = {
     # variant name -> which of (gamma, lambda) are meta-learned; "impala" is the {} baseline
@@ -70,7 +70,7 @@ def check_game(name: str) -> str:
 
 class PrepareConfig(Frozen):
     games: list[str] = Field(min_length=1)
-    task_families: list[Literal["point_goal", "random_cartpole"]] = Field(min_length=1)
+    task_families: list[TaskFamily] = Field(min_length=1)
     num_train_tasks: PositiveInt = 64
     num_test_tasks: PositiveInt = 16
     num_ood_tasks: PositiveInt = 16
@@ -156,7 +156,7 @@ class InnerLoopConfig(Frozen):
 
 
 class EvolveConfig(Frozen):
-    family: Literal["point_goal", "random_cartpole"] = "point_goal"
+    family: TaskFamily = "point_goal"
     generations: PositiveInt = 40
     popsize: Annotated[int, Field(ge=2)] = 16  # V, perturbed losses per generation
     antithetic: bool = True

@@ -96,7 +96,7 @@ def task_splits(config: PrepareConfig, seed: int) -> dict:
 
 
 def versions() -> dict:
-    names = ["ale-py", "gymnasium", "torch", "evotorch", "mlflow", "dvc", "numpy"]
+    names = ["ale-py", "gymnasium", "mujoco", "torch", "evotorch", "mlflow", "dvc", "numpy"]
     return {name: importlib.metadata.version(name) for name in names}
 
 

@@ -82,7 +82,7 @@ def test_context_gradient_switch_only_changes_the_gradient_path():
 
 
 # ----------------------------------------------------------------------------------------- inner loop
-@pytest.mark.parametrize("family", ["point_goal", "random_cartpole"])
+@pytest.mark.parametrize("family", ["point_goal", "random_cartpole", "random_hopper"])
 def test_vectorized_lifetimes_equal_a_per_member_loop(family):
     tasks = sample_tasks(family, "train", 3, 1)
     phis = tiny_phi(family, 3)

@@ -306,15 +306,19 @@ def test_step_outputs_are_not_overwritten_by_later_steps():
     assert isinstance(res, StepResult) and res.episode_length.dtype == torch.int64
 
 
+# MuJoCo's hopper steps ~20 k copies/s here, the torch families millions: a smaller batch for it.
+LARGE_BATCH = {"random_hopper": (512, 300)}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_large_batch_stays_finite(family):
-    b = 4096
+    b, steps = LARGE_BATCH.get(family, (4096, 2000))
     env = make_env(family, sample_tasks(family, "ood", b, seed=0))
     gen = torch.Generator().manual_seed(0)
     obs = env.reset(torch.rand(b, env.noise_dim, generator=gen))
     assert obs.shape == (b, env.obs_dim) and obs.dtype == torch.float32
     finished = 0
-    for _ in range(2000):
+    for _ in range(steps):
         if env.discrete:
             acts = torch.randint(0, env.action_dim, (b,), generator=gen)
         else:

@@ -8,6 +8,8 @@ Families
 --------
 ``point_goal``        2-D point mass that must reach an unobserved goal (a small analogue of GoalAnt).
 ``random_cartpole``   gymnasium ``CartPole-v1`` dynamics, per-copy physics (a RandomHopper analogue).
+``random_hopper``     gymnasium ``Hopper-v5`` in MuJoCo with per-copy masses, friction and gravity (the
+                      paper's RandomHopper; :mod:`pipeline.envs.hopper`).
 
 Episodes auto-reset inside :meth:`BatchedTaskEnv.step`: for a copy whose episode ends, the returned ``obs``
 is the first observation of its next episode (built from ``reset_noise``); the last observation of the
@@ -17,13 +19,14 @@ finished episode is kept in :attr:`BatchedTaskEnv.final_obs` (useful for bootstr
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from typing import ClassVar, NamedTuple
 
 import gymnasium
 import numpy as np
 import torch
 from torch import Tensor
+
+from .batched import BatchedTaskEnv, StepResult
+from .hopper import RandomHopperEnv
 
 __all__ = [
     "FAMILIES",
@@ -31,6 +34,7 @@ __all__ = [
     "BatchedTaskEnv",
     "PointGoalEnv",
     "RandomCartPoleEnv",
+    "RandomHopperEnv",
     "StepResult",
     "make_env",
     "sample_tasks",
@@ -38,137 +42,6 @@ __all__ = [
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test", "ood")
-
-
-class StepResult(NamedTuple):
-    obs: Tensor  # [B, obs_dim]; first obs of the new episode where an episode ended this step
-    reward: Tensor  # [B]
-    terminated: Tensor  # [B] bool
-    truncated: Tensor  # [B] bool (time limit)
-    episode_return: Tensor  # [B] undiscounted return of the episode that ended this step, else 0
-    episode_length: Tensor  # [B] int64 length of the episode that ended this step, else 0
-
-
-class BatchedTaskEnv(ABC):
-    """``B`` copies of one task family, each with its own task parameters.
-
-    The observation is the full physical state for both families, so :meth:`set_state` takes a
-    ``[B, obs_dim]`` tensor.
-    """
-
-    family: ClassVar[str]
-    obs_dim: ClassVar[int]
-    discrete: ClassVar[bool]
-    action_dim: ClassVar[int]  # number of actions if discrete, else the action vector size
-    noise_dim: ClassVar[int]  # U(0,1) numbers one copy needs to reset
-    max_episode_steps: ClassVar[int]
-    param_names: ClassVar[tuple[str, ...]]
-    nominal_params: ClassVar[dict[str, float]]
-    train_ranges: ClassVar[dict[str, tuple[float, float]]]  # half-open [lo, hi); lo == hi means constant
-    ood_ranges: ClassVar[dict[str, tuple[float, float]]]
-    single_observation_space: ClassVar[gymnasium.spaces.Box]
-    single_action_space: ClassVar[gymnasium.spaces.Space]
-
-    def __init__(self, task_params: dict[str, Tensor], *, dtype: torch.dtype = torch.float32, device="cpu"):
-        if set(task_params) != set(self.param_names):
-            raise ValueError(
-                f"{self.family}: task_params must have exactly the keys {sorted(self.param_names)}, "
-                f"got {sorted(task_params)}"
-            )
-        self.dtype = dtype
-        self.device = torch.device(device)
-        params = {
-            k: torch.as_tensor(task_params[k], dtype=dtype, device=self.device) for k in self.param_names
-        }
-        sizes = {tuple(v.shape) for v in params.values()}
-        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-            raise ValueError(f"{self.family}: every task parameter must be a 1-D tensor of one length [B]")
-        self.params: dict[str, Tensor] = params
-        self._num_envs = int(next(iter(sizes))[0])
-        self._setup()
-        b = self._num_envs
-        self._state = torch.zeros(b, self.obs_dim, dtype=dtype, device=self.device)
-        self._final_obs = self._state
-        self._ep_return = torch.zeros(b, dtype=dtype, device=self.device)
-        self._ep_length = torch.zeros(b, dtype=torch.int64, device=self.device)
-
-    # -- family specific -------------------------------------------------------------------------------
-    @abstractmethod
-    def _setup(self) -> None:
-        """Precompute per-copy constants from ``self.params``."""
-
-    @abstractmethod
-    def _reset_state(self, noise: Tensor) -> Tensor:
-        """Initial state ``[B, obs_dim]`` from noise ``[B, noise_dim]`` in [0, 1)."""
-
-    @abstractmethod
-    def _transition(self, state: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``(next_state, reward, terminated)`` for one step of every copy."""
-
-    # -- public API ------------------------------------------------------------------------------------
-    @property
-    def num_envs(self) -> int:
-        return self._num_envs
-
-    @property
-    def state(self) -> Tensor:
-        """Current state (= observation), ``[B, obs_dim]``; a copy."""
-        return self._state.clone()
-
-    @property
-    def final_obs(self) -> Tensor:
-        """Observation reached by the last :meth:`step` *before* auto-reset, ``[B, obs_dim]``."""
-        return self._final_obs
-
-    def set_state(self, state: Tensor) -> Tensor:
-        """Put every copy in ``state`` ``[B, obs_dim]`` and start a new episode there (counters zeroed)."""
-        state = torch.as_tensor(state, dtype=self.dtype, device=self.device)
-        if tuple(state.shape) != (self._num_envs, self.obs_dim):
-            expected = (self._num_envs, self.obs_dim)
-            raise ValueError(f"state must have shape {expected}, got {tuple(state.shape)}")
-        self._state = state.clone()
-        self._final_obs = self._state
-        self._ep_return = torch.zeros_like(self._ep_return)
-        self._ep_length = torch.zeros_like(self._ep_length)
-        return self._state
-
-    def reset(self, noise: Tensor) -> Tensor:
-        """Reset ALL copies from ``noise`` ``[B, noise_dim]`` (uniform in [0, 1)); returns obs."""
-        self._check_noise(noise)
-        return self.set_state(self._reset_state(noise.to(self.dtype)))
-
-    def step(self, actions: Tensor, reset_noise: Tensor) -> StepResult:
-        """Step every copy once; copies whose episode ends are reset from their row of ``reset_noise``."""
-        self._check_noise(reset_noise)
-        next_state, reward, terminated = self._transition(self._state, actions)
-        ep_return = self._ep_return + reward
-        ep_length = self._ep_length + 1
-        # Same semantics as gymnasium's TimeLimit: truncated may be True together with terminated.
-        truncated = ep_length >= self.max_episode_steps
-        done = terminated | truncated
-        fresh = self._reset_state(reset_noise.to(self.dtype))
-        self._final_obs = next_state
-        self._state = torch.where(done.unsqueeze(1), fresh, next_state)
-        self._ep_return = ep_return.masked_fill(done, 0.0)
-        self._ep_length = ep_length.masked_fill(done, 0)
-        return StepResult(
-            self._state,
-            reward,
-            terminated,
-            truncated,
-            ep_return - self._ep_return,  # exact: x - x == 0 and x - 0 == x
-            ep_length - self._ep_length,
-        )
-
-    def _check_noise(self, noise: Tensor) -> None:
-        if tuple(noise.shape) != (self._num_envs, self.noise_dim):
-            raise ValueError(
-                f"{self.family}: noise must have shape {(self._num_envs, self.noise_dim)}, "
-                f"got {tuple(noise.shape)}"
-            )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(family={self.family!r}, num_envs={self._num_envs}, dtype={self.dtype})"
 
 
 class PointGoalEnv(BatchedTaskEnv):
@@ -181,6 +54,7 @@ class PointGoalEnv(BatchedTaskEnv):
 
     family = "point_goal"
     obs_dim = 4
+    state_dim = 4  # the observation is the state
     discrete = False
     action_dim = 2
     noise_dim = 2
@@ -225,6 +99,7 @@ class RandomCartPoleEnv(BatchedTaskEnv):
 
     family = "random_cartpole"
     obs_dim = 4
+    state_dim = 4  # the observation is the state
     discrete = True
     action_dim = 2
     noise_dim = 4
@@ -280,7 +155,9 @@ class RandomCartPoleEnv(BatchedTaskEnv):
         return nxt, torch.ones_like(x), terminated
 
 
-FAMILIES: dict[str, type[BatchedTaskEnv]] = {cls.family: cls for cls in (PointGoalEnv, RandomCartPoleEnv)}
+FAMILIES: dict[str, type[BatchedTaskEnv]] = {
+    cls.family: cls for cls in (PointGoalEnv, RandomCartPoleEnv, RandomHopperEnv)
+}
 
 
 def _family(family: str) -> type[BatchedTaskEnv]:
