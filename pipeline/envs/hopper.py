@@ -88,13 +88,15 @@ class RandomHopperEnv(BatchedTaskEnv):
             self.models.append(model)
         threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, self._num_envs))
         self.datas = [mujoco.MjData(template) for _ in range(threads)]
-        self.init_qpos = torch.as_tensor(template.qpos0, dtype=torch.float64, device=self.device)
+        # Hopper-v5's initial pose (qpos0) at rest; every reset adds noise to it.
+        self.initial_state = torch.cat(
+            [torch.as_tensor(template.qpos0), torch.zeros(NV, dtype=torch.float64)]
+        ).to(self.device)
         self.state_size = mujoco.mj_stateSize(template, mujoco.mjtState.mjSTATE_FULLPHYSICS)
 
     def _reset_state(self, noise: Tensor) -> Tensor:
-        initial = torch.cat([self.init_qpos, torch.zeros(NV, dtype=torch.float64, device=self.device)])
         scale = self.reset_noise_scale
-        return initial + noise.to(torch.float64) * (2.0 * scale) - scale
+        return self.initial_state + noise.to(torch.float64) * (2.0 * scale) - scale
 
     def _observe(self, state: Tensor) -> Tensor:
         return torch.cat([state[:, 1:NQ], state[:, NQ:].clamp(-10.0, 10.0)], dim=1).to(self.dtype)
@@ -103,13 +105,13 @@ class RandomHopperEnv(BatchedTaskEnv):
         batch = self._num_envs
         physics = np.zeros((batch, self.state_size))  # [time, qpos, qvel]; hopper has no act state
         physics[:, 1 : 1 + NQ + NV] = state.detach().cpu().numpy()
-        control = actions.detach().to(torch.float64).cpu().numpy()
+        actions = actions.detach().to(torch.float64)
+        control = actions.cpu().numpy()
         # MuJoCo clamps ctrl to the actuators' range [-1, 1]; the control cost uses the raw action.
         trajectory, _ = mujoco_rollout.rollout(
             self.models, self.datas, physics, control.reshape(batch, 1, -1), nstep=FRAME_SKIP
         )
         next_state = torch.as_tensor(trajectory[:, -1, 1 : 1 + NQ + NV], device=self.device)
-        actions = actions.to(torch.float64)
         x_velocity = (next_state[:, 0] - state[:, 0]) / self.dt
         healthy = self._healthy(next_state)
         reward = (
