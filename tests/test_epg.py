@@ -16,7 +16,7 @@ from pipeline.config import EvolveConfig, InnerLoopConfig, LossNetConfig
 from pipeline.envs.tasks import make_env, sample_tasks
 from pipeline.epg import inner as inner_module
 from pipeline.epg.inner import LossSetting, run_lifetimes
-from pipeline.epg.loss_net import LossNetwork, ParamLayout, apply_loss_net
+from pipeline.epg.loss_net import LossNetwork, MemberLosses, ParamLayout, apply_loss_net
 from pipeline.epg.problem import EPGProblem, OpenAIES, learning_rate, ppo_weight
 
 
@@ -42,21 +42,86 @@ def test_vmapped_loss_over_members_equals_a_loop():
     assert torch.allclose(batched, looped, atol=1e-6)
 
 
-def lifetimes_with_random_buffer(net: LossNetConfig) -> inner_module.Lifetimes:
-    """Two point-goal lifetimes whose loss buffer holds random (but fixed) data."""
+@pytest.mark.parametrize("memory_units", [5, 0])
+@pytest.mark.parametrize("conv", [([16, 32], [6, 4], [5, 2]), ([8, 8, 4], [3, 3, 2], [2, 1, 1])])
+def test_member_losses_equal_the_vmapped_loss_network_in_value_and_gradient(memory_units, conv):
+    channels, kernels, strides = conv
+    config = LossNetConfig(
+        memory_units=memory_units, conv_channels=channels, conv_kernels=kernels, conv_strides=strides
+    )
+    data_dim, policy_dim, members, workers, steps = 8, 4, 3, 2, 64
+    net = LossNetwork(data_dim + policy_dim + memory_units, config)
+    layout = ParamLayout.of(net)
+    phis = layout.flatten(net) + 0.1 * torch.randn(members, layout.size)
+    data = torch.randn(members, workers, steps, data_dim)
+    policy = torch.randn(members, workers, steps, policy_dim, requires_grad=True)
+    memory = torch.randn(members, workers, memory_units, requires_grad=True) if memory_units else None
+    rows = slice(40, 56)
+
+    per_step = [data, policy] + ([memory.unsqueeze(2).expand(-1, -1, steps, -1)] if memory_units else [])
+    inputs = torch.cat(per_step, dim=-1)
+    per_lifetime = vmap(partial(apply_loss_net, net, layout), in_dims=(None, 0, 0))
+    reference = vmap(per_lifetime)(phis, inputs, inputs[:, :, rows])
+
+    losses = MemberLosses(net, phis, data_dim, memory_units)
+    data_conv, data_head = losses.data_terms(data, rows)
+    context = losses.context(data_conv, policy, memory)
+    fast = losses.step_losses(data_head, policy[:, :, rows], memory, context)
+    assert fast.shape == reference.shape == (members, workers, 16)
+    assert torch.allclose(fast, reference, atol=1e-5)
+    leaves = [policy] + ([memory] if memory_units else [])
+    for got, want in zip(
+        torch.autograd.grad(fast.sum(), leaves), torch.autograd.grad(reference.sum(), leaves), strict=True
+    ):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def lifetimes_with_random_buffer(net: LossNetConfig, members: int = 1) -> inner_module.Lifetimes:
+    """Point-goal lifetimes (2 workers) whose loss buffer holds random (but fixed) data."""
     family = "point_goal"
     tasks = sample_tasks(family, "train", 2, 0)
-    setting = LossSetting("epg", phi=tiny_phi(family, 1))
+    setting = LossSetting("epg", phi=tiny_phi(family, members))
     lifetimes = inner_module.Lifetimes(family, tasks, TINY_INNER, setting, net, crn_seed=0)
     generator = torch.Generator().manual_seed(1)
     for tensor in lifetimes.buffer.values():
         tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    with torch.no_grad():  # memory units away from zero, so that a wrong column order shows
+        for tensor in lifetimes.memory.values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    lifetimes.prepare_loss()
     return lifetimes
+
+
+def test_the_inner_loop_feeds_the_loss_network_the_documented_input():
+    """[obs, action, reward, done, policy output, memory] per buffer step, as LossNetwork takes it."""
+    lifetimes = lifetimes_with_random_buffer(TINY_NET, members=2)
+    batch = torch.tensor([3, 0, 17, 31])
+    got = lifetimes.evolved_loss(batch).reshape(2, 2)
+    buffer, n = lifetimes.buffer, TINY_INNER.buffer_size
+    with torch.no_grad():
+        heads = lifetimes.head_fn(lifetimes.policy, buffer["obs"])
+        memory = torch.tanh(lifetimes.memory["w"] + lifetimes.memory["b"]).unsqueeze(1).expand(-1, n, -1)
+        inputs = torch.cat(
+            [
+                buffer["obs"],
+                buffer["act"],
+                buffer["rew"][..., None],
+                buffer["done"][..., None],
+                heads,
+                memory,
+            ],
+            -1,
+        ).reshape(2, 2, n, -1)
+        net = LossNetwork(inputs.shape[-1], TINY_NET)
+        rows = batch + n - TINY_INNER.update_every
+        per_lifetime = vmap(partial(apply_loss_net, net, ParamLayout.of(net)), in_dims=(None, 0, 0))
+        want = vmap(per_lifetime)(lifetimes.loss.phi, inputs, inputs[:, :, rows]).mean(-1)
+    assert torch.allclose(got.detach(), want, atol=1e-5)
 
 
 def test_gradients_reach_policy_and_memory_through_the_evolved_loss():
     lifetimes = lifetimes_with_random_buffer(TINY_NET)
-    losses = lifetimes.evolved_loss(torch.arange(32, 48))
+    losses = lifetimes.evolved_loss(torch.arange(0, 16))
     assert losses.shape == (2,)
     losses.sum().backward()
     for name, tensor in {**lifetimes.policy, **lifetimes.memory}.items():
@@ -67,14 +132,11 @@ def test_gradients_reach_policy_and_memory_through_the_evolved_loss():
 def test_context_gradient_switch_only_changes_the_gradient_path():
     results = {}
     for context_gradient in (True, False):
+        # without it, prepare_loss computes the context once, without gradient, as the update does
         lifetimes = lifetimes_with_random_buffer(
             TINY_NET.model_copy(update={"context_gradient": context_gradient})
         )
-        context = None
-        if not context_gradient:  # as the update computes it: once, without gradient
-            with torch.no_grad():
-                context = lifetimes.loss_context(lifetimes.loss.phi, lifetimes.loss_inputs(slice(None)))
-        loss = lifetimes.evolved_loss(torch.arange(32, 48), context)
+        loss = lifetimes.evolved_loss(torch.arange(0, 16))
         loss.sum().backward()
         results[context_gradient] = (loss.detach(), lifetimes.policy["w0"].grad.clone())
     assert torch.allclose(results[True][0], results[False][0], atol=1e-6), "the loss value must not change"

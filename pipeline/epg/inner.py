@@ -23,13 +23,12 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
-from torch.func import vmap
 
 from ..config import InnerLoopConfig, LossNetConfig
 from ..envs.tasks import make_env
 from ..rl.returns import lambda_returns
 from . import policy as pol
-from .loss_net import LossNetwork, ParamLayout, loss_context, loss_input_dim, step_losses
+from .loss_net import LossNetwork, MemberLosses, ParamLayout, loss_input_dim
 
 METHODS = ("epg", "ppo", "pg")
 
@@ -108,7 +107,8 @@ class Lifetimes:
         self.family, self.tasks, self.config, self.loss = family, tasks, config, loss
         self.loss_net_config = loss_net_config
         self.device = torch.device(device)
-        self.phi = loss.phi.to(self.device) if loss.phi is not None else None
+        # a plain tensor: subclasses (EvoTorch hands over read-only ones) would spread to every result
+        self.phi = loss.phi.to(self.device).as_subclass(torch.Tensor) if loss.phi is not None else None
         self.members, self.workers = loss.members, len(tasks)
         self.lifetimes = self.members * self.workers
         self.env = make_env(family, tasks * self.members, device=self.device)  # copy = member * W + worker
@@ -136,32 +136,31 @@ class Lifetimes:
             layout = ParamLayout.of(template)
             if self.phi.shape[1] != layout.size:
                 raise ValueError(f"phi has {self.phi.shape[1]} entries, the loss network needs {layout.size}")
-            # vmap over members (own phi), inside it over workers (shared phi).
-            context = vmap(partial(loss_context, template, layout), in_dims=(None, 0))
-            self.loss_context = vmap(context, in_dims=(0, 0))  # (phi [P], buffer [P, W, N, D]) -> [P, W, C]
-            losses = vmap(partial(step_losses, template, layout), in_dims=(None, 0, 0))
-            self.step_losses = vmap(
-                losses, in_dims=(0, 0, 0)
-            )  # (phi, steps [P, W, n, D], context) -> [P, W, n]
-        # The loss buffer of the last N steps (time-major; zero where no step has happened yet) and the
-        # window of the last M steps that the next update trains on.
+            data_dim = self.env.obs_dim + self.spec.action_features + 2
+            self.member_losses = MemberLosses(template, self.phi, data_dim, units)
+        # The loss buffer of the last N steps (lifetime-major [L, N, ...]; zero where no step has happened
+        # yet) and the window of the last M steps (time-major [M, L, ...]) that the next update trains on.
         n, m, lifetimes = config.buffer_size, config.update_every, self.lifetimes
         self.buffer = {
-            "obs": self.zeros(n, lifetimes, self.env.obs_dim),
-            "act": self.zeros(n, lifetimes, self.spec.action_features),
-            "rew": self.zeros(n, lifetimes),
-            "done": self.zeros(n, lifetimes),
+            "obs": self.zeros(lifetimes, n, self.env.obs_dim),
+            "act": self.zeros(lifetimes, n, self.spec.action_features),
+            "rew": self.zeros(lifetimes, n),
+            "done": self.zeros(lifetimes, n),
         }
-        self.window = {key: self.zeros(m, *value.shape[1:]) for key, value in self.buffer.items()}
-        self.window["logp"] = self.zeros(m, lifetimes)
+        self.window = {key: self.zeros(m, lifetimes, *value.shape[2:]) for key, value in self.buffer.items()}
+        self.loss_terms: dict[str, torch.Tensor | None] = {}  # per-update shares of the loss (prepare_loss)
         self.dead = self.zeros(lifetimes, dtype=torch.bool)
 
     def zeros(self, *shape: int, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=self.device)
 
-    def per_worker(self, x: torch.Tensor) -> torch.Tensor:
-        """Draws made for the W workers, shared by every member: [W, ...] -> [P * W, ...]."""
-        return x.unsqueeze(0).expand(self.members, *x.shape).reshape(self.lifetimes, *x.shape[1:])
+    def per_worker(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Draws made for the W workers (dimension ``dim``), shared by every member: [..., W, ...] ->
+        [..., P * W, ...] (member-major, as lifetimes are laid out)."""
+        x = x.unsqueeze(dim)
+        shape = list(x.shape)
+        shape[dim] = self.members
+        return x.expand(shape).flatten(dim, dim + 1)
 
     def parameter_groups_flat(self):
         for params in (self.policy, self.value, self.memory):
@@ -175,40 +174,46 @@ class Lifetimes:
     def run(self) -> LifetimeResult:
         config, env, spec, lifetimes = self.config, self.env, self.spec, self.lifetimes
         steps_per_update = config.update_every
-        episode_sum, episode_count = self.zeros(lifetimes), self.zeros(lifetimes)
         total_sum, total_count = self.zeros(lifetimes), self.zeros(lifetimes)
         curve, curve_steps = [], []
         obs = env.reset(self.per_worker(self.draw(self.workers, env.noise_dim)))
-        window = self.window
+        # The window's steps, kept as lists and stacked once per update: per-step work stays minimal.
+        recent: dict[str, list[torch.Tensor]] = {key: [] for key in (*self.window, "episode_return")}
         for step in range(config.lifetime_steps):
+            slot = step % steps_per_update
+            if slot == 0:  # the window's random numbers in two draws, not two per step
+                shape = (steps_per_update, self.workers)
+                uniform_or_normal = self.draw(*shape, spec.action_dim, normal=not spec.discrete)
+                action_noise = self.per_worker(pol.action_noise(spec, uniform_or_normal), 1).unsqueeze(2)
+                reset_noise = self.per_worker(self.draw(*shape, env.noise_dim), 1)
             with torch.no_grad():
-                head = self.head_fn(self.policy, obs.unsqueeze(1)).squeeze(1)
-                noise = self.draw(self.workers, spec.action_dim, normal=not spec.discrete)
-                action = pol.sample(spec, head, self.per_worker(noise))
-                result = env.step(
-                    action.argmax(-1) if spec.discrete else action,
-                    self.per_worker(self.draw(self.workers, env.noise_dim)),
-                )
-                done = (result.terminated | result.truncated).float()
-                slot = step % steps_per_update
-                window["obs"][slot], window["act"][slot] = obs, action
-                window["rew"][slot], window["done"][slot] = result.reward, done
-                window["logp"][slot] = pol.log_prob(spec, head, action)
-                episode_sum += result.episode_return * done
-                episode_count += done
-                obs = result.obs
+                action = pol.act(spec, self.policy, obs.unsqueeze(1), action_noise[slot]).squeeze(1)
+                result = env.step(action.argmax(-1) if spec.discrete else action, reset_noise[slot])
+            recent["obs"].append(obs)
+            recent["act"].append(action)
+            recent["rew"].append(result.reward)
+            recent["done"].append(result.terminated | result.truncated)
+            recent["episode_return"].append(result.episode_return)
+            obs = result.obs
             if slot == steps_per_update - 1:
-                for key in self.buffer:
-                    self.buffer[key] = torch.cat([self.buffer[key][steps_per_update:], window[key]])
+                window = {key: torch.stack(values).float() for key, values in recent.items()}
+                for values in recent.values():
+                    values.clear()
+                episode_return = window.pop("episode_return")
+                self.window = window
+                for key, values in window.items():
+                    self.buffer[key] = torch.cat(
+                        [self.buffer[key][:, steps_per_update:], values.transpose(0, 1)], dim=1
+                    )
                 self.dead |= self.update(obs)
+                # episode_return is the finished episode's return on the step it ends, else 0
+                episode_sum, episode_count = episode_return.sum(0), window["done"].sum(0)
                 curve.append(
                     torch.where(episode_count > 0, episode_sum / episode_count.clamp_min(1), torch.nan)
                 )
                 curve_steps.append(step + 1)
                 total_sum += episode_sum
                 total_count += episode_count
-                episode_sum.zero_()
-                episode_count.zero_()
 
         env_steps = lifetimes * config.lifetime_steps
         lifetime_returns = torch.where(total_count > 0, total_sum / total_count.clamp_min(1), torch.nan)
@@ -237,10 +242,11 @@ class Lifetimes:
         """One update of every lifetime: ``epochs`` passes of minibatch Adam steps over the last M steps.
         Returns the lifetimes whose loss or parameters went non-finite (their parameters are zeroed)."""
         config, loss, window = self.config, self.loss, self.window
-        advantages = returns = None
+        advantages = returns = old_log_probs = None
         if loss.uses_value:
             with torch.no_grad():
-                values = pol.mlp(self.value, window["obs"].transpose(0, 1)).squeeze(-1).T  # [M, L]
+                obs = window["obs"].transpose(0, 1)  # [L, M, obs]
+                values = pol.mlp(self.value, obs).squeeze(-1).T  # [M, L]
                 bootstrap = pol.mlp(self.value, next_obs.unsqueeze(1)).reshape(-1)
                 gae_lambda = 1.0 if loss.method == "pg" else config.ppo.gae_lambda
                 returns = lambda_returns(
@@ -252,21 +258,24 @@ class Lifetimes:
                     stop_value_gradients=True,
                 )
                 advantages = returns - values
+                # The policy acted with these parameters throughout the window: its log-probabilities then.
+                old_log_probs = pol.log_prob(
+                    self.spec, self.head_fn(self.policy, obs), window["act"].transpose(0, 1)
+                )
+        if loss.method == "epg":
+            self.prepare_loss()
         bad = self.zeros(self.lifetimes, dtype=torch.bool)
-        first_new_step = config.buffer_size - config.update_every  # where the window sits in the buffer
-        fixed_context = None
-        if loss.method == "epg" and not self.loss_net_config.context_gradient:
-            with torch.no_grad():  # an input summarising the buffer under the policy before this update
-                fixed_context = self.loss_context(self.phi, self.loss_inputs(slice(None)))
         for _ in range(config.epochs):
             order = torch.randperm(config.update_every, generator=self.generator).to(self.device)
             for batch in order.split(config.minibatch_size):
                 total = self.zeros(self.lifetimes)
                 if loss.method == "epg":
-                    total = (1.0 - loss.alpha) * self.evolved_loss(batch + first_new_step, fixed_context)
+                    total = (1.0 - loss.alpha) * self.evolved_loss(batch)
                 if loss.uses_value:
                     weight = loss.alpha if loss.method == "epg" else 1.0
-                    total = total + weight * self.policy_gradient_loss(batch, advantages, returns)
+                    total = total + weight * self.policy_gradient_loss(
+                        batch, advantages, returns, old_log_probs
+                    )
                 bad |= ~torch.isfinite(total.detach())
                 self.optimizer.zero_grad(set_to_none=True)
                 # Lifetimes are independent: the gradient of the sum gives each lifetime its own gradient.
@@ -280,39 +289,54 @@ class Lifetimes:
                     tensor.copy_(torch.where(bad.view(-1, *[1] * (tensor.dim() - 1)), 0.0, tensor))
         return bad
 
-    def loss_inputs(self, index) -> torch.Tensor:
-        """Loss-network inputs [P, W, steps, D] of the buffer steps ``index``, with the policy's current
-        outputs (differentiable unless called under no_grad)."""
-        buffer = self.buffer
-        obs = buffer["obs"].transpose(0, 1)[:, index]  # [L, steps, obs]
-        heads = self.head_fn(self.policy, obs)
-        parts = [
-            obs,
-            buffer["act"].transpose(0, 1)[:, index],
-            buffer["rew"].T[:, index].unsqueeze(-1),
-            buffer["done"].T[:, index].unsqueeze(-1),
-            heads,
-        ]
-        if self.memory:
-            units = torch.tanh(self.memory["w"] + self.memory["b"])  # memory m = tanh(W . 1 + b)
-            parts.append(units.unsqueeze(1).expand(-1, heads.shape[1], -1))
-        return torch.cat(parts, dim=-1).reshape(self.members, self.workers, heads.shape[1], -1)
+    def policy_outputs(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The policy's current outputs at buffer steps ``rows``, [P, W, steps, H] (differentiable unless
+        called under no_grad)."""
+        obs = self.buffer["obs"][:, rows]  # [L, steps, obs]
+        return self.head_fn(self.policy, obs).reshape(self.members, self.workers, obs.shape[1], -1)
 
-    def evolved_loss(self, step_index: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean L_phi over the minibatch steps, per lifetime [L].
+    def memory_units(self) -> torch.Tensor | None:
+        """Memory units m = tanh(W . 1 + b), [P, W, units] (None without memory)."""
+        if not self.memory:
+            return None
+        units = torch.tanh(self.memory["w"] + self.memory["b"])
+        return units.reshape(self.members, self.workers, -1)
 
-        ``context`` None: computed here from the whole buffer *with* gradient through the policy
-        outputs at every buffer step (the official code); otherwise a precomputed constant."""
-        if context is None:
-            everything = self.loss_inputs(slice(None))
-            context = self.loss_context(self.phi, everything)
-            steps = everything[:, :, step_index]
+    def prepare_loss(self) -> None:
+        """The shares of L_phi that stay fixed during an update, computed once per update: the buffer
+        data's share of the first convolution and of the head's first layer at the window's steps, and,
+        without ``context_gradient``, the whole context (under the policy before this update)."""
+        buffer, n, m = self.buffer, self.config.buffer_size, self.config.update_every
+        with torch.no_grad():
+            data = torch.cat(
+                [buffer["obs"], buffer["act"], buffer["rew"].unsqueeze(-1), buffer["done"].unsqueeze(-1)], -1
+            )
+            conv, head = self.member_losses.data_terms(
+                data.reshape(self.members, self.workers, n, -1), slice(n - m, n)
+            )
+            context = None
+            if not self.loss_net_config.context_gradient:
+                context = self.member_losses.context(conv, self.policy_outputs(), self.memory_units())
+        self.loss_terms = {"conv": conv, "head": head, "context": context}
+
+    def evolved_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean L_phi over the minibatch ``batch`` (steps of the window), per lifetime [L]; needs
+        :meth:`prepare_loss` first.
+
+        With ``context_gradient`` the context is recomputed from the whole buffer *with* gradient through
+        the policy outputs at every buffer step (the official code); otherwise it is the update's constant."""
+        terms, memory = self.loss_terms, self.memory_units()
+        rows = batch + (self.config.buffer_size - self.config.update_every)  # the window's buffer steps
+        if terms["context"] is None:
+            outputs = self.policy_outputs()
+            context = self.member_losses.context(terms["conv"], outputs, memory)
+            outputs = outputs[:, :, rows]
         else:
-            steps = self.loss_inputs(step_index)
-        per_step = self.step_losses(self.phi, steps, context)  # [P, W, batch]
+            context, outputs = terms["context"], self.policy_outputs(rows)
+        per_step = self.member_losses.step_losses(terms["head"][:, :, batch], outputs, memory, context)
         return per_step.mean(-1).reshape(self.lifetimes)
 
-    def policy_gradient_loss(self, batch, advantages, returns) -> torch.Tensor:
+    def policy_gradient_loss(self, batch, advantages, returns, old_log_probs) -> torch.Tensor:
         """Clipped PPO (``ppo``, also the annealed term of ``epg``) or REINFORCE with baseline (``pg``)."""
         config, window, spec = self.config, self.window, self.spec
         obs = window["obs"][batch].transpose(0, 1)  # [L, b, obs]
@@ -323,7 +347,7 @@ class Lifetimes:
             policy_loss = -(log_probs * adv).mean(-1)
         else:
             adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
-            ratio = torch.exp(log_probs - window["logp"][batch].T)
+            ratio = torch.exp(log_probs - old_log_probs[:, batch])
             clipped = torch.clamp(ratio, 1 - config.ppo.clip, 1 + config.ppo.clip)
             policy_loss = -torch.minimum(ratio * adv, clipped * adv).mean(-1)
         value_loss = 0.5 * ((pol.mlp(self.value, obs).squeeze(-1) - target) ** 2).mean(-1)
@@ -340,21 +364,20 @@ class Lifetimes:
             device=self.device,
         )
 
-        def per_worker(x: torch.Tensor) -> torch.Tensor:  # [W, K, ...] -> [P * W * K, ...]
-            return x.unsqueeze(0).expand(members, *x.shape).reshape(lifetimes * episodes, *x.shape[2:])
-
-        obs = env.reset(per_worker(self.draw(workers, episodes, env.noise_dim)))
+        # Episode k of worker w is row w * K + k of the draws, shared by every member.
+        obs = env.reset(self.per_worker(self.draw(workers * episodes, env.noise_dim)))
+        steps = env.max_episode_steps
+        uniform_or_normal = self.draw(steps, workers * episodes, spec.action_dim, normal=not spec.discrete)
+        action_noise = pol.action_noise(spec, uniform_or_normal)
+        reset_noise = self.draw(steps, workers * episodes, env.noise_dim)
         first_return = torch.full((lifetimes * episodes,), torch.nan, device=self.device)
         with torch.no_grad():
-            for _ in range(env.max_episode_steps):
-                head = self.head_fn(self.policy, obs.reshape(lifetimes, episodes, -1)).reshape(
-                    lifetimes * episodes, -1
-                )
-                noise = self.draw(workers, episodes, spec.action_dim, normal=not spec.discrete)
-                action = pol.sample(spec, head, per_worker(noise))
+            for t in range(steps):
+                noise = self.per_worker(action_noise[t]).reshape(lifetimes, episodes, -1)
+                action = pol.act(spec, self.policy, obs.reshape(lifetimes, episodes, -1), noise)
+                action = action.reshape(lifetimes * episodes, -1)
                 result = env.step(
-                    action.argmax(-1) if spec.discrete else action,
-                    per_worker(self.draw(workers, episodes, env.noise_dim)),
+                    action.argmax(-1) if spec.discrete else action, self.per_worker(reset_noise[t])
                 )
                 ended = (result.terminated | result.truncated) & torch.isnan(first_return)
                 first_return = torch.where(ended, result.episode_return, first_return)

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 LOG_2PI = math.log(2 * math.pi)
+LOG_MIN_PROB = math.log(1e-8)  # probabilities are floored here inside logs
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,19 @@ def entropy(spec: PolicySpec, head: torch.Tensor) -> torch.Tensor:
     return (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
 
 
-def sample(spec: PolicySpec, head: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Actions from caller-supplied noise (common random numbers): Gumbel-max for discrete (noise is
-    U(0,1) per action; returns one-hot), reparameterised Gaussian otherwise (noise is N(0,1))."""
+def action_noise(spec: PolicySpec, uniform_or_normal: torch.Tensor) -> torch.Tensor:
+    """The noise :func:`act` takes, from common random numbers drawn as U(0, 1) per action (discrete:
+    turned into Gumbel noise here, once for a whole block of steps) or N(0, 1) (Gaussian: unchanged)."""
     if spec.discrete:
-        gumbel = -torch.log(-torch.log(noise.clamp(1e-10, 1 - 1e-7)))
-        index = (torch.log(head.clamp_min(1e-8)) + gumbel).argmax(-1)
-        return F.one_hot(index, spec.action_dim).to(head.dtype)
-    mean, log_std = head.split(spec.action_dim, dim=-1)
-    return mean + torch.exp(log_std) * noise
+        return -torch.log(-torch.log(uniform_or_normal.clamp(1e-10, 1 - 1e-7)))
+    return uniform_or_normal
+
+
+def act(spec: PolicySpec, params: dict, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Sampled actions for obs [L, rows, obs] with noise from :func:`action_noise`: Gumbel-max over the
+    log-probabilities (one-hot actions) or the reparameterised Gaussian mean + std * noise."""
+    out = mlp({k: v for k, v in params.items() if k != "log_std"}, obs)
+    if spec.discrete:
+        index = (torch.log_softmax(out, dim=-1).clamp_min(LOG_MIN_PROB) + noise).argmax(-1)
+        return F.one_hot(index, spec.action_dim).to(out.dtype)
+    return torch.addcmul(out, torch.exp(params["log_std"]).unsqueeze(-2), noise)
