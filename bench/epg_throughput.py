@@ -20,7 +20,7 @@ import time
 import torch
 
 from pipeline.config import load_params
-from pipeline.devices import DEVICES, resolve_device
+from pipeline.devices import DEVICES, keep_freed_cpu_memory, resolve_device
 from pipeline.envs.tasks import make_env, sample_tasks
 from pipeline.epg.inner import LossSetting, loss_net_input_dim, policy_spec, run_lifetimes
 from pipeline.epg.loss_net import initial_phi
@@ -73,6 +73,8 @@ def main() -> None:
         "--skip-loop", action="store_true", help="no per-member loop (for populations where it takes hours)"
     )
     args = parser.parse_args()
+    # As the evolve stage runs: raw stepping, vectorized and loop all measured under the same allocator.
+    freed_memory_kept = keep_freed_cpu_memory()
 
     config = load_params(args.params).evolve
     if args.context_gradient is not None:
@@ -121,6 +123,7 @@ def main() -> None:
                 "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "torch_threads": torch.get_num_threads(),
+                "keep_freed_cpu_memory": freed_memory_kept,
                 "cpu": platform.processor() or platform.machine(),
                 "raw_env_steps_per_s": round(raw),
                 "vectorized_env_steps_per_s": round(vectorized_rate),

@@ -367,3 +367,13 @@ def test_killed_evolve_resumes_to_the_same_phi_in_the_same_mlflow_run(tmp_path, 
 
     history = MlflowClient().get_metric_history(killed_run, "fitness/center")
     assert sorted(m.step for m in history) == [0, 1, 2, 3], "a generation was lost or logged twice"
+
+
+def test_keep_freed_cpu_memory_applies_where_the_c_library_is_glibc():
+    import platform
+
+    from pipeline.devices import keep_freed_cpu_memory
+
+    applied = keep_freed_cpu_memory()
+    assert applied is (platform.libc_ver()[0] == "glibc")
+    assert keep_freed_cpu_memory() is applied  # idempotent

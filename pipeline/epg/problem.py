@@ -23,7 +23,7 @@ from evotorch import Problem, SolutionBatch
 from evotorch.algorithms import PGPE
 
 from ..config import EvolveConfig
-from ..devices import resolve_device
+from ..devices import keep_freed_cpu_memory, resolve_device
 from .inner import LossSetting, run_lifetimes
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,11 @@ class EPGProblem(Problem):
 
     # ---------------------------------------------------------------- EvoTorch hooks
     def _evaluate_batch(self, batch: SolutionBatch) -> None:
-        if self.is_remote and getattr(self, "_threads_set", False) is False:
-            # Each Ray actor gets its share of the cores instead of all of them.
-            threads = max(1, (os.cpu_count() or 1) // max(1, self.config.num_actors))
-            torch.set_num_threads(threads)
-            self._threads_set = True
+        if not getattr(self, "_process_ready", False):  # once per process: here, or in each Ray actor
+            if self.is_remote:  # each actor gets its share of the cores instead of all of them
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.config.num_actors)))
+            keep_freed_cpu_memory()
+            self._process_ready = True
         phis = batch.values.detach().to(torch.float32)
         with_center = self.center is not None
         if with_center:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import EpgEvalConfig, InnerLoopConfig, LossNetConfig
-from ..devices import resolve_device
+from ..devices import keep_freed_cpu_memory, resolve_device
 from ..epg.inner import LossSetting, run_lifetimes
 from ..epg.loss_net import initial_phi
 from ..epg.problem import derived_seed
@@ -86,6 +86,7 @@ def evaluate_loss(
     inner = InnerLoopConfig(**{**loss["inner"], "fitness": "final_episodes"})
     loss_net = LossNetConfig(**loss["loss_net"])
     device = resolve_device(config.device, "evaluate.epg.device")
+    keep_freed_cpu_memory()  # the lifetimes reuse multi-MB activations on every update
     phis = {}
     if "evolved" in config.methods:
         phis["evolved"] = loss["phi"].float()
