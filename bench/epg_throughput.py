@@ -6,6 +6,8 @@
 * vectorized: the inner loop for the whole population in one batched computation;
 * loop: the same work as a Python loop over members (one member's W lifetimes at a time).
 
+*_seconds_by_part: where the time went (acting, updates, fitness episodes; the loop's summed).
+
 Env steps count every lifetime's steps, including the post-training fitness episodes. Ratios are
 what to read: vectorized / loop (target >= 10) and vectorized / raw (target >= 0.15).
 """
@@ -103,12 +105,18 @@ def main() -> None:
     vectorized = lifetimes(phis, 1)
     vectorized_rate = vectorized.env_steps / (time.perf_counter() - start)
 
-    loop_rate = None
+    loop_rate, loop_seconds = None, None
     if not args.skip_loop:
-        start, loop_steps = time.perf_counter(), 0
+        start, loop_steps, loop_seconds = time.perf_counter(), 0, {}
         for member in range(args.members):
-            loop_steps += lifetimes(phis[member : member + 1], 1).env_steps
+            alone = lifetimes(phis[member : member + 1], 1)
+            loop_steps += alone.env_steps
+            for part, seconds in alone.seconds.items():
+                loop_seconds[part] = loop_seconds.get(part, 0.0) + seconds
         loop_rate = loop_steps / (time.perf_counter() - start)
+
+    def rounded(seconds: dict | None) -> dict | None:
+        return {part: round(value, 3) for part, value in seconds.items()} if seconds else None
 
     print(
         json.dumps(
@@ -128,7 +136,9 @@ def main() -> None:
                 "raw_env_steps_per_s": round(raw),
                 "vectorized_env_steps_per_s": round(vectorized_rate),
                 "vectorized_seconds": round(vectorized.env_steps / vectorized_rate, 2),
+                "vectorized_seconds_by_part": rounded(vectorized.seconds),
                 "loop_env_steps_per_s": round(loop_rate) if loop_rate else None,
+                "loop_seconds_by_part": rounded(loop_seconds),
                 "vectorized_over_loop": round(vectorized_rate / loop_rate, 2) if loop_rate else None,
                 "vectorized_over_raw": round(vectorized_rate / raw, 3),
                 "targets": {"vectorized_over_loop": 10, "vectorized_over_raw": 0.15},

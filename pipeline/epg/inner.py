@@ -18,6 +18,7 @@ this very trainer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -65,6 +66,9 @@ class LifetimeResult(NamedTuple):
     curve: torch.Tensor  # [updates, P, W] mean return of episodes finished in each update window
     curve_steps: list[int]  # env steps (per lifetime) at the end of each window
     env_steps: int  # all env steps taken, summed over lifetimes
+    # Wall-clock seconds of acting, updates and fitness episodes as the Python thread saw them (on a GPU,
+    # asynchronous work can shift time from one part to the next).
+    seconds: dict[str, float] | None = None
 
 
 def loss_net_input_dim(family_env, spec: pol.PolicySpec, memory_units: int) -> int:
@@ -177,6 +181,7 @@ class Lifetimes:
         steps_per_update = config.update_every
         total_sum, total_count = self.zeros(lifetimes), self.zeros(lifetimes)
         curve, curve_steps = [], []
+        start, update_seconds = time.perf_counter(), 0.0
         obs = env.reset(self.per_worker(self.draw(self.workers, env.noise_dim)))
         # The window's steps, kept as lists and stacked once per update: per-step work stays minimal.
         recent: dict[str, list[torch.Tensor]] = {key: [] for key in (*self.window, "episode_return")}
@@ -206,7 +211,9 @@ class Lifetimes:
                     self.buffer[key] = torch.cat(
                         [self.buffer[key][:, steps_per_update:], values.transpose(0, 1)], dim=1
                     )
+                update_start = time.perf_counter()
                 self.dead |= self.update(obs)
+                update_seconds += time.perf_counter() - update_start
                 # episode_return is the finished episode's return on the step it ends, else 0
                 episode_sum, episode_count = episode_return.sum(0), window["done"].sum(0)
                 curve.append(
@@ -219,6 +226,7 @@ class Lifetimes:
         env_steps = lifetimes * config.lifetime_steps
         lifetime_returns = torch.where(total_count > 0, total_sum / total_count.clamp_min(1), torch.nan)
         final_returns = torch.full((lifetimes,), torch.nan, device=self.device)
+        lifetime_end = time.perf_counter()
         if config.fitness == "final_episodes":
             final_returns, extra_steps = self.final_episodes(config.fitness_episodes)
             env_steps += extra_steps
@@ -236,6 +244,11 @@ class Lifetimes:
             curve=grid(torch.stack(curve)) if curve else torch.empty(0, self.members, self.workers),
             curve_steps=curve_steps,
             env_steps=env_steps,
+            seconds={
+                "acting": lifetime_end - start - update_seconds,
+                "updates": update_seconds,
+                "fitness_episodes": time.perf_counter() - lifetime_end,
+            },
         )
 
     # ------------------------------------------------------------------------------------ updates
