@@ -4,7 +4,8 @@ A *lifetime* is one freshly initialised policy trained for U = ``lifetime_steps`
 task: every M = ``update_every`` steps it takes minibatch Adam steps on a loss computed over the
 buffer of the last N = ``buffer_size`` steps. P population members (loss parameters phi_p) times W
 workers (tasks) give P x W lifetimes, and they all run as ONE batched computation: one batched env,
-policies stacked along a leading dimension, ``torch.func.vmap`` over members (phi) and workers.
+policies stacked along a leading dimension, and the P loss networks as per-member weight stacks
+(:class:`~pipeline.epg.loss_net.MemberLosses`); no Python loop over members, workers or envs.
 
 Common random numbers: every random draw (policy init, action noise, resets, minibatch order) is made
 for the W workers and shared by all members, so members differ only through their loss. The same
