@@ -146,14 +146,14 @@ class Lifetimes:
             self.member_losses = MemberLosses(template, self.phi, data_dim, units)
         # The loss buffer of the last N steps (lifetime-major [L, N, ...]; zero where no step has happened
         # yet) and the window of the last M steps (time-major [M, L, ...]) that the next update trains on.
-        n, m, lifetimes = config.buffer_size, config.update_every, self.lifetimes
+        n, lifetimes = config.buffer_size, self.lifetimes
         self.buffer = {
             "obs": self.zeros(lifetimes, n, self.env.obs_dim),
             "act": self.zeros(lifetimes, n, self.spec.action_features),
             "rew": self.zeros(lifetimes, n),
             "done": self.zeros(lifetimes, n),
         }
-        self.window = {key: self.zeros(m, lifetimes, *value.shape[2:]) for key, value in self.buffer.items()}
+        self.window: dict[str, torch.Tensor] = {}  # the same keys, stacked by run() before each update
         self.loss_terms: dict[str, torch.Tensor | None] = {}  # per-update shares of the loss (prepare_loss)
         self.dead = self.zeros(lifetimes, dtype=torch.bool)
 
@@ -185,7 +185,7 @@ class Lifetimes:
         start, update_seconds = time.perf_counter(), 0.0
         obs = env.reset(self.per_worker(self.draw(self.workers, env.noise_dim)))
         # The window's steps, kept as lists and stacked once per update: per-step work stays minimal.
-        recent: dict[str, list[torch.Tensor]] = {key: [] for key in (*self.window, "episode_return")}
+        recent: dict[str, list[torch.Tensor]] = {key: [] for key in (*self.buffer, "episode_return")}
         for step in range(config.lifetime_steps):
             slot = step % steps_per_update
             if slot == 0:  # the window's random numbers in two draws, not two per step
