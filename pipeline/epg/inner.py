@@ -28,8 +28,8 @@ import torch
 
 from ..config import InnerLoopConfig, LossNetConfig
 from ..envs.tasks import make_env
+from ..rl import policy as pol
 from ..rl.returns import lambda_returns
-from . import policy as pol
 from .loss_net import LossNetwork, MemberLosses, ParamLayout, loss_input_dim
 
 METHODS = ("epg", "ppo", "pg")

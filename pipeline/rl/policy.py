@@ -1,4 +1,4 @@
-"""Policies and value functions of the EPG inner loop, as pure functions of parameter dicts.
+"""Stacked policies and value functions as pure functions of parameter dicts (EPG lifetimes, MAML tasks).
 
 A batch of lifetimes stacks each parameter along a leading dimension L ([L, in, out] weights, [L, out]
 biases) and inputs are [L, rows, features]: the MLP is then a chain of batched matmuls, one kernel for
