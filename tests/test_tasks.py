@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import gymnasium
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import seeding
 from pipeline.envs.tasks import (
     FAMILIES,
     BatchedTaskEnv,
     PointGoalEnv,
     RandomCartPoleEnv,
     StepResult,
+    load_tasks,
     make_env,
     sample_tasks,
     task_param_ranges,
@@ -252,6 +255,24 @@ def test_point_goal_ood_is_lower_half():
         assert math.sin(t["params"]["goal_angle"]) <= 0.0
     for t in sample_tasks("point_goal", "train", 200, seed=5):
         assert math.sin(t["params"]["goal_angle"]) >= 0.0
+
+
+def test_load_tasks_reads_one_family_of_the_prepare_output(tmp_path):
+    tasks = {"train": sample_tasks("point_goal", "train", 2, 0), "test": [], "ood": []}
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps({"format_version": 1, "families": {"point_goal": tasks}}))
+    assert load_tasks(path, "point_goal") == tasks
+    with pytest.raises(ValueError, match=r"no tasks for family 'random_cartpole'; it has: point_goal"):
+        load_tasks(path, "random_cartpole")
+
+
+def test_derived_seeds_are_pinned():
+    # Values of the functions before they moved to pipeline/seeding.py: the move changed no seed.
+    assert seeding.derived_seed(0, "crn", 3) == 1983632032
+    assert seeding.derived_seed(5, "evaluate", "ood") == 1945032611
+    assert seeding.variant_seed(0, "pong") == 3177736
+    assert seeding.variant_seed(1, "pong") == 4177739
+    assert seeding.variant_seed(0, "breakout") == 45927153
 
 
 def test_make_env_stacks_params():

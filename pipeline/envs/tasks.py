@@ -19,12 +19,14 @@ finished episode is kept in :attr:`BatchedTaskEnv.final_obs` (useful for bootstr
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import gymnasium
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..io import read_json
 from .batched import BatchedTaskEnv, StepResult
 from .hopper import RandomHopperEnv
 
@@ -36,6 +38,7 @@ __all__ = [
     "RandomCartPoleEnv",
     "RandomHopperEnv",
     "StepResult",
+    "load_tasks",
     "make_env",
     "sample_tasks",
     "task_param_ranges",
@@ -205,6 +208,15 @@ def sample_tasks(family: str, split: str, n: int, seed: int) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def load_tasks(tasks_path: str | Path, family: str) -> dict:
+    """The train / test / ood task lists of one family from the prepare stage's ``tasks.json``."""
+    data = read_json(Path(tasks_path))
+    families = data.get("families", {})
+    if family not in families:
+        raise ValueError(f"{tasks_path} has no tasks for family {family!r}; it has: {', '.join(families)}")
+    return families[family]
 
 
 def make_env(

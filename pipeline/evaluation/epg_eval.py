@@ -19,8 +19,8 @@ from ..config import EpgEvalConfig, InnerLoopConfig, LossNetConfig
 from ..devices import keep_freed_cpu_memory, resolve_device
 from ..epg.inner import LossSetting, run_lifetimes
 from ..epg.loss_net import initial_phi
-from ..epg.problem import derived_seed
 from ..io import torch_load
+from ..seeding import derived_seed
 from .stats import Interval, mean_ci
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..config import PipelineConfig, params_hash, section_dict
-from ..epg.evolve import load_tasks
+from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
 from ..plots import bar_plot, line_plot
 from .atari_eval import evaluate_agents
