@@ -250,6 +250,25 @@ def test_sample_tasks_determinism_and_ranges(family):
     assert sample_tasks(family, "train", 0, seed=1) == []
 
 
+def test_point_goal_draws_are_pinned():
+    # Keyed by the family's name: these stay put whatever families are added (seed 0).
+    train, ood = sample_tasks("point_goal", "train", 3, 0), sample_tasks("point_goal", "ood", 2, 0)
+    assert [t["params"]["goal_angle"] for t in train] == pytest.approx(
+        [2.6459816884771357, 2.489664497768703, 2.4696516471699663], abs=1e-15
+    )
+    assert [t["seed"] for t in train] == [799046048, 588593710, 1036533149]
+    assert [t["params"]["goal_angle"] for t in ood] == pytest.approx(
+        [3.270291436409888, 6.087949426748863], abs=1e-15
+    )
+
+
+def test_a_new_family_sorting_first_leaves_other_draws_unchanged(monkeypatch):
+    before = {family: sample_tasks(family, "test", 4, 3) for family in FAMILIES}
+    monkeypatch.setitem(FAMILIES, "aaa_point_goal", PointGoalEnv)
+    for family, tasks in before.items():
+        assert sample_tasks(family, "test", 4, 3) == tasks
+
+
 def test_point_goal_ood_is_lower_half():
     for t in sample_tasks("point_goal", "ood", 200, seed=5):
         assert math.sin(t["params"]["goal_angle"]) <= 0.0

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..io import read_json
+from ..seeding import name_key
 from .batched import BatchedTaskEnv, StepResult
 from .hopper import RandomHopperEnv
 
@@ -183,16 +184,18 @@ def task_param_ranges(family: str) -> dict[str, dict[str, tuple[float, float]]]:
 def sample_tasks(family: str, split: str, n: int, seed: int) -> list[dict]:
     """Draw ``n`` tasks of ``family`` for ``split``; deterministic given ``(family, split, n, seed)``.
 
-    "train" and "test" share one distribution but use different seed streams; "ood" uses the
-    out-of-distribution ranges.  Each task: ``{"task_id", "seed", "params": {name: float}}``.
+    The random stream is keyed by hashes of the family and split names, so the draws of one family do
+    not depend on which other families exist. "train" and "test" share one distribution but use
+    different seed streams; "ood" uses the out-of-distribution ranges. Each task:
+    ``{"task_id", "seed", "params": {name: float}}``.
     """
     cls = _family(family)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    family_key = sorted(FAMILIES).index(family)
-    ss = np.random.SeedSequence(entropy=int(seed), spawn_key=(family_key, SPLITS.index(split)))
+    # Keyed by names, not positions: a family or split added later leaves every other draw unchanged.
+    ss = np.random.SeedSequence(entropy=int(seed), spawn_key=(name_key(family), name_key(split)))
     param_rng, seed_rng = (np.random.default_rng(s) for s in ss.spawn(2))
     ranges = task_param_ranges(family)[split]
     columns = {}
