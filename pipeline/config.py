@@ -17,8 +17,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TaskFamily = Literal["point_goal", "random_cartpole", "random_hopper"]
-SPLITS = ("test", "ood")
+# Each concept is listed once, here; the config's Literals, the task code and the report's labels are
+# built from these (pipeline.envs.tasks implements one class per task family).
+TASK_FAMILIES = ("point_goal", "random_cartpole", "random_hopper")
+TASK_SPLITS = ("train", "test", "ood")  # evolve trains on "train"; the others are held out
+HELD_OUT_SPLITS = TASK_SPLITS[1:]
 METAGRAD_VARIANTS = {
     # variant name -> which of (gamma, lambda) are meta-learned; "impala" is the {} baseline
     "impala": (),
@@ -26,7 +29,25 @@ METAGRAD_VARIANTS = {
     "gamma": ("gamma",),
     "gamma_lambda": ("gamma", "lambda"),
 }
-EPG_METHODS = ("evolved", "ppo", "pg", "random_loss")
+EPG_METHODS = {  # method -> its label in the report
+    "evolved": "evolved loss (EPG)",
+    "ppo": "PPO",
+    "pg": "vanilla PG (REINFORCE + baseline)",
+    "random_loss": "random loss network (floor)",
+}
+
+TaskFamily = Literal[TASK_FAMILIES]
+HeldOutSplit = Literal[HELD_OUT_SPLITS]
+MetagradVariant = Literal[tuple(METAGRAD_VARIANTS)]
+EpgMethod = Literal[tuple(EPG_METHODS)]
+
+
+def variant_label(variant: str) -> str:
+    """``{γ, λ}`` etc.: the set of meta-learned parameters, as the paper writes it; IMPALA for ``{}``."""
+    symbols = {"gamma": "γ", "lambda": "λ"}
+    learned = ", ".join(symbols[name] for name in METAGRAD_VARIANTS[variant])
+    return f"{{{learned}}}" if learned else "IMPALA {}"
+
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -213,7 +234,7 @@ class AtariEnvConfig(Frozen):
 
 class MetagradConfig(Frozen):
     games: list[str] = Field(min_length=1)
-    variants: list[Literal["impala", "lambda", "gamma", "gamma_lambda"]] = Field(min_length=1)
+    variants: list[MetagradVariant] = Field(min_length=1)
     frames: PositiveInt = 200_000  # per variant and game, counting skipped frames (4 per agent step)
     num_envs: PositiveInt = 32
     unroll: PositiveInt = 20
@@ -263,10 +284,8 @@ class MetagradConfig(Frozen):
 class EpgEvalConfig(Frozen):
     loss: str = "models/epg/loss.pt"  # a file, or a registry URI such as models:/epg-loss@champion
     seeds: PositiveInt = 5
-    methods: list[Literal["evolved", "ppo", "pg", "random_loss"]] = Field(
-        default=list(EPG_METHODS), min_length=1
-    )
-    splits: list[Literal["test", "ood"]] = Field(default=list(SPLITS), min_length=1)
+    methods: list[EpgMethod] = Field(default=list(EPG_METHODS), min_length=1)
+    splits: list[HeldOutSplit] = Field(default=list(HELD_OUT_SPLITS), min_length=1)
     max_tasks_per_split: PositiveInt = 16
     curve_points: PositiveInt = 16
     confidence: Probability = 0.95

@@ -14,7 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import (
+    EPG_METHODS,
+    HELD_OUT_SPLITS,
+    TASK_FAMILIES,
+    TASK_SPLITS,
     ConfigError,
+    EpgEvalConfig,
     EvolveConfig,
     MetagradConfig,
     PipelineConfig,
@@ -380,3 +385,24 @@ def test_device_params_resolve_with_errors_that_name_the_key():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"evolve\.device is 'cuda' but no CUDA device"):
             resolve_device("cuda", "evolve.device")
+
+
+# ---------------------------------------------------------------------------------- one list per concept
+def test_each_concept_is_listed_once_and_everything_is_built_from_it(write_params):
+    from pipeline.envs.tasks import FAMILIES, SPLITS
+    from pipeline.evaluation.report import METHOD_LABELS, VARIANT_LABELS
+
+    assert tuple(FAMILIES) == TASK_FAMILIES  # one implementation per listed family, in order
+    assert SPLITS == TASK_SPLITS and HELD_OUT_SPLITS == ("test", "ood")
+    assert EpgEvalConfig().methods == list(EPG_METHODS) and EpgEvalConfig().splits == ["test", "ood"]
+    assert set(METHOD_LABELS) == {*EPG_METHODS, "champion"}
+    assert VARIANT_LABELS == {
+        "impala": "IMPALA {}",
+        "lambda": "{λ}",
+        "gamma": "{γ}",
+        "gamma_lambda": "{γ, λ}",
+    }
+    with pytest.raises(ConfigError, match="'point_goal', 'random_cartpole' or 'random_hopper'"):
+        load_params(write_params(lambda p: p["evolve"].update(family="ant")))
+    with pytest.raises(ConfigError, match="'impala', 'lambda', 'gamma' or 'gamma_lambda'"):
+        load_params(write_params(lambda p: p["metagrad"].update(variants=["impala", "delta"])))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import TASK_SPLITS
 from ..io import read_json
 from ..seeding import name_key
 from .batched import BatchedTaskEnv, StepResult
@@ -45,7 +46,7 @@ __all__ = [
     "task_param_ranges",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "test", "ood")
+SPLITS = TASK_SPLITS
 
 
 class PointGoalEnv(BatchedTaskEnv):

@@ -6,14 +6,10 @@ import math
 
 import yaml
 
-METHOD_LABELS = {
-    "evolved": "evolved loss (EPG)",
-    "ppo": "PPO",
-    "pg": "vanilla PG (REINFORCE + baseline)",
-    "random_loss": "random loss network (floor)",
-    "champion": "registry champion loss",
-}
-VARIANT_LABELS = {"impala": "IMPALA {}", "lambda": "{λ}", "gamma": "{γ}", "gamma_lambda": "{γ, λ}"}
+from ..config import EPG_METHODS, METAGRAD_VARIANTS, variant_label
+
+METHOD_LABELS = {**EPG_METHODS, "champion": "registry champion loss"}
+VARIANT_LABELS = {variant: variant_label(variant) for variant in METAGRAD_VARIANTS}
 
 
 def _num(value, digits: int = 2) -> str:
