@@ -1,6 +1,7 @@
 """Evaluation arithmetic: confidence intervals, human-normalised scores, promotion, the report."""
 
 import math
+import random
 
 import pytest
 from scipy import stats as scipy_stats
@@ -39,6 +40,31 @@ def test_student_t_interval():
     assert mean_ci([1.0, math.inf, math.nan, 3.0]).n == 2  # non-finite lifetimes are not averaged
     assert math.isnan(mean_ci([]).mean)
     assert mean_ci(values, 0.99).high > interval.high
+
+
+def test_student_t_interval_by_hand():
+    # [1, 2, 3, 4]: s^2 = (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3, s / sqrt(4) = 0.6454972243679028;
+    # t_{3, 0.975} = 3.1824463052837 (tables), half-width 2.0542602567605.
+    interval = mean_ci([1.0, 2.0, 3.0, 4.0], 0.95)
+    assert interval.low == pytest.approx(2.5 - 2.0542602567605, abs=1e-12)
+    assert interval.high == pytest.approx(2.5 + 2.0542602567605, abs=1e-12)
+    # [1, 3]: mean 2, s = sqrt(2), s / sqrt(2) = 1; t_{1, 0.95} = 6.3137515146750 (90 % interval).
+    interval = mean_ci([1.0, 3.0], 0.90)
+    t = 6.3137515146750
+    assert (interval.low, interval.high) == pytest.approx((2 - t, 2 + t), abs=1e-12)
+
+
+def test_scipy_interval_equals_the_closed_form_it_replaced():
+    rng = random.Random(0)
+    for _ in range(50):
+        values = [rng.gauss(0.0, 10.0) for _ in range(rng.randint(2, 80))]
+        for confidence in (0.9, 0.95, 0.99):
+            n, mean = len(values), sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+            half = scipy_stats.t.ppf((1.0 + confidence) / 2.0, n - 1) * sd / math.sqrt(n)
+            interval = mean_ci(values, confidence)
+            assert interval.mean == mean
+            assert (interval.low, interval.high) == pytest.approx((mean - half, mean + half), rel=1e-12)
 
 
 def test_promotion_without_champion_better_and_worse():
