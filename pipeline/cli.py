@@ -10,6 +10,7 @@ python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so 
 python -m pipeline score runs/learn/models/metagrad --episodes 30 --out score.json
                                         # no-op-start scores of trained agents (GAME/VARIANT.pt)
 python -m pipeline games                # the ALE games this ale-py ships
+python -m pipeline params-doc           # regenerate docs/params.md from pipeline/config.py
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def cmd_ui(args) -> int:
 
 def cmd_games(args) -> int:
     print("\n".join(ale_games()))
+    return 0
+
+
+def cmd_params_doc(args) -> int:
+    from .params_doc import write_params_doc
+
+    print(write_params_doc(tracking.project_root() / "docs" / "params.md"))
     return 0
 
 
@@ -223,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     games = commands.add_parser("games", help="list the ALE games")
     games.set_defaults(func=cmd_games)
+
+    params_doc = commands.add_parser("params-doc", help="write docs/params.md from the config's docstrings")
+    params_doc.set_defaults(func=cmd_params_doc)
     return parser
 
 

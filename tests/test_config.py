@@ -406,3 +406,30 @@ def test_each_concept_is_listed_once_and_everything_is_built_from_it(write_param
         load_params(write_params(lambda p: p["evolve"].update(family="ant")))
     with pytest.raises(ConfigError, match="'impala', 'lambda', 'gamma' or 'gamma_lambda'"):
         load_params(write_params(lambda p: p["metagrad"].update(variants=["impala", "delta"])))
+
+
+# ---------------------------------------------------------------------------------- params reference
+def _models(model: type[pydantic.BaseModel]):
+    yield model
+    for field in model.model_fields.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, pydantic.BaseModel):
+            yield from _models(field.annotation)
+
+
+def test_every_param_is_documented_by_its_field_docstring():
+    undocumented = [
+        f"{model.__name__}.{name}"
+        for model in _models(PipelineConfig)
+        for name, field in model.model_fields.items()
+        if not field.description
+    ]
+    assert undocumented == []
+
+
+def test_committed_params_reference_is_up_to_date():
+    from pipeline.params_doc import render
+
+    committed = (PROJECT / "docs" / "params.md").read_text()
+    assert committed == render(), "docs/params.md is stale: run `python -m pipeline params-doc`"
+    assert "| `metagrad.lambda` | float, > 0, <= 1 | `1.0` |" in committed  # aliases by their YAML key
+    assert "| `prepare.games` | list of str (length >= 1) | *required* |" in committed
