@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Each concept is listed once, here; the config's Literals, the task code and the report's labels are
@@ -453,18 +452,12 @@ STAGES = ("prepare", "evolve", "metagrad", "evaluate")
 
 
 def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
-    """Read and validate a params file; raise ConfigError with one line per bad key."""
+    """Read and validate a params file (a profile overlay is merged onto its base first, see
+    ``pipeline.profiles``); raise ConfigError with one line per bad key."""
+    from .profiles import read_params  # profiles builds on this module
+
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            [f"{path}: expected a mapping of sections ({', '.join(PipelineConfig.model_fields)})"]
-        )
+    raw = read_params(path)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
