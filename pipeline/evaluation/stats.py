@@ -21,7 +21,7 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Interval:
     """Mean and Student-t confidence interval, mean +- t_{n-1,(1+c)/2} * s / sqrt(n), over finite values
     (``scipy.stats.t.interval`` with the standard error of the mean, s the n - 1 standard deviation).
 
-    With one value the interval is the point itself; with none everything is nan.
+    With one value, or equal values, the interval is the point itself; with none everything is nan.
     """
     finite = [float(v) for v in values if math.isfinite(float(v))]
     n = len(finite)
@@ -30,7 +30,10 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Interval:
     mean = sum(finite) / n
     if n == 1:
         return Interval(mean, mean, mean, 1)
-    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=stats.sem(finite))
+    sem = float(stats.sem(finite))
+    if sem == 0.0:  # equal values: scipy rejects a zero scale, the interval is the point itself
+        return Interval(mean, mean, mean, n)
+    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
     return Interval(mean, float(low), float(high), n)
 
 
