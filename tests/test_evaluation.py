@@ -2,10 +2,13 @@
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
+import torch
 from scipy import stats as scipy_stats
 
+from pipeline.evaluation.epg_eval import CurvePoint, EpgEvaluation, MethodResult, curve_summary, summarise
 from pipeline.evaluation.promotion import decide_promotion
 from pipeline.evaluation.report import render_report
 from pipeline.evaluation.stats import aggregate_hns, human_normalized, mean_ci
@@ -37,6 +40,7 @@ def test_student_t_interval():
     assert interval.mean == 2.5 and interval.n == 4
     assert interval.low == pytest.approx(2.5 - half) and interval.high == pytest.approx(2.5 + half)
     assert mean_ci([5.0]) == (5.0, 5.0, 5.0, 1)
+    assert mean_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0, 3)  # no spread: the point (scipy would give nan)
     assert mean_ci([1.0, math.inf, math.nan, 3.0]).n == 2  # non-finite lifetimes are not averaged
     assert math.isnan(mean_ci([]).mean)
     assert mean_ci(values, 0.99).high > interval.high
@@ -77,14 +81,9 @@ def test_promotion_without_champion_better_and_worse():
 
 
 def fake_results() -> dict:
-    summary = {
-        "mean": -44.0,
-        "ci_low": -46.0,
-        "ci_high": -42.0,
-        "lifetimes": 80,
-        "nonfinite_lifetimes": 0,
-        "curve": [],
-    }
+    summary = MethodResult(
+        mean=-44.0, ci_low=-46.0, ci_high=-42.0, lifetimes=80, finite_lifetimes=80, nonfinite_lifetimes=0
+    )
     return {
         "seed": 0,
         "pipeline_run_id": "abc123",
@@ -96,16 +95,16 @@ def fake_results() -> dict:
             "fitness": -40.0,
             "generations": 20,
         },
-        "epg": {
-            "family": "point_goal",
-            "env_steps_per_lifetime": 1024,
-            "seeds": 5,
-            "tasks_per_split": {"test": 16, "ood": 16},
-            "splits": {
-                "test": {"evolved": summary, "ppo": {**summary, "mean": -47.5}},
-                "ood": {"evolved": {**summary, "mean": -91.0}},
+        "epg": EpgEvaluation(
+            family="point_goal",
+            env_steps_per_lifetime=1024,
+            seeds=5,
+            tasks_per_split={"test": 16, "ood": 16},
+            splits={
+                "test": {"evolved": summary, "ppo": replace(summary, mean=-47.5)},
+                "ood": {"evolved": replace(summary, mean=-91.0)},
             },
-        },
+        ),
         "promotion": {"summary": "alias 'champion' moved to version 3: there is no champion yet"},
         "atari": {
             "games": {
@@ -147,3 +146,36 @@ def test_report_without_atari_section():
     del results["atari"]
     report = render_report(results)
     assert "Atari" not in report and "evolved loss" in report
+
+
+def test_epg_results_are_typed_and_serialise_to_the_former_layout():
+    curve = torch.tensor([[1.0, 3.0], [2.0, 2.0], [5.0, 7.0], [0.0, 2.0]])  # [updates, lifetimes]
+    points = curve_summary(curve, [32, 64, 96, 128], points=2, confidence=0.95)
+    assert [p.env_steps for p in points] == [64, 128]  # every second point
+    assert (points[0].mean, points[0].low, points[0].high) == (2.0, 2.0, 2.0)
+    assert points[1].mean == 1.0 and points[1].low < 1.0 < points[1].high
+    result = summarise(torch.tensor([1.0, math.nan, 3.0]), torch.tensor([False, True, False]), 0.95, points)
+    assert (result.mean, result.lifetimes, result.finite_lifetimes, result.nonfinite_lifetimes) == (
+        2.0,
+        3,
+        2,
+        1,
+    )
+    evaluation = EpgEvaluation("point_goal", 128, 1, {"test": 3}, {"test": {"evolved": result}})
+    assert evaluation.mean_return("test", "evolved") == 2.0
+    assert math.isnan(evaluation.mean_return("ood", "evolved"))
+    assert math.isnan(evaluation.mean_return("test", "ppo"))
+    as_dict = evaluation.to_dict()
+    assert list(as_dict) == ["family", "env_steps_per_lifetime", "seeds", "tasks_per_split", "splits"]
+    evolved = as_dict["splits"]["test"]["evolved"]
+    assert list(evolved) == [
+        "mean",
+        "ci_low",
+        "ci_high",
+        "lifetimes",
+        "finite_lifetimes",
+        "nonfinite_lifetimes",
+        "curve",
+    ]
+    assert evolved["curve"][0] == {"env_steps": 64, "mean": 2.0, "low": 2.0, "high": 2.0}
+    assert isinstance(points[0], CurvePoint)

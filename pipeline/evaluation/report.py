@@ -42,26 +42,26 @@ def render_report(results: dict) -> str:
             "## Evolved loss on held-out and out-of-distribution tasks",
             "",
             f"Loss `{loss.get('reference', '–')}` (registry version {loss.get('version', '–')}, family "
-            f"`{epg['family']}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
+            f"`{epg.family}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
             f"{_num(loss.get('fitness'))} at generation {loss.get('generation', '–')}). Each method trains "
-            f"fresh policies for {epg['env_steps_per_lifetime']} env steps on every (task, seed) pair: "
-            f"{epg['seeds']} seeds × "
-            f"{', '.join(f'{n} {s}' for s, n in epg['tasks_per_split'].items())} tasks. "
+            f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair: "
+            f"{epg.seeds} seeds × "
+            f"{', '.join(f'{n} {s}' for s, n in epg.tasks_per_split.items())} tasks. "
             "Returns are the mean of the post-training episodes; intervals are 95 % Student-t CIs over "
             "lifetimes.",
             "",
         ]
         rows = []
-        for split, methods in epg["splits"].items():
+        for split, methods in epg.splits.items():
             for method, summary in methods.items():
                 rows.append(
                     [
                         split,
                         METHOD_LABELS.get(method, method),
-                        _num(summary["mean"]),
-                        f"[{_num(summary['ci_low'])}, {_num(summary['ci_high'])}]",
-                        str(summary["lifetimes"]),
-                        str(summary["nonfinite_lifetimes"]),
+                        _num(summary.mean),
+                        f"[{_num(summary.ci_low)}, {_num(summary.ci_high)}]",
+                        str(summary.lifetimes),
+                        str(summary.nonfinite_lifetimes),
                     ]
                 )
         lines += _table(["split", "method", "mean final return", "95 % CI", "lifetimes", "non-finite"], rows)
