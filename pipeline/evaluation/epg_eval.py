@@ -115,6 +115,40 @@ def summarise(
     )
 
 
+def _evaluate_split(
+    loss: dict,
+    inner: InnerLoopConfig,
+    loss_net: LossNetConfig,
+    config: EpgEvalConfig,
+    phis: dict[str, torch.Tensor],
+    split: str,
+    tasks: list[dict],
+    crn_seed: int,
+    device: torch.device,
+) -> dict[str, MethodResult]:
+    """Every method on one split's (task, seed) lifetimes, with the same random numbers: the loss
+    networks in one batched call, then PPO and PG."""
+    lifetimes = evaluation_lifetimes(tasks[: config.max_tasks_per_split], config.seeds)
+    settings = {}
+    if phis:
+        settings[tuple(phis)] = LossSetting("epg", phi=torch.stack(list(phis.values())))
+    for method in ("ppo", "pg"):
+        if method in config.methods:
+            settings[(method,)] = LossSetting(method, num_members=1)
+    results = {}
+    for names, setting in settings.items():
+        log.info("%s: training %d x %d lifetimes with %s", split, len(names), len(lifetimes), list(names))
+        result = run_lifetimes(loss["family"], lifetimes, inner, setting, loss_net, crn_seed, device)
+        for index, name in enumerate(names):
+            curve = curve_summary(
+                result.curve[:, index], result.curve_steps, config.curve_points, config.confidence
+            )
+            results[name] = summarise(
+                result.final_returns[index], result.nonfinite[index], config.confidence, curve
+            )
+    return results
+
+
 def evaluate_loss(
     loss: dict,
     splits: dict[str, list[dict]],
@@ -137,50 +171,20 @@ def evaluate_loss(
     if "random_loss" in config.methods:
         phis["random_loss"] = initial_phi(loss["input_dim"], loss_net, derived_seed(seed, "random_loss"))
     phis.update(extra_losses or {})
-    results: dict[str, dict[str, MethodResult]] = {}
-    for split in config.splits:
-        tasks = splits[split][: config.max_tasks_per_split]
-        lifetimes = evaluation_lifetimes(tasks, config.seeds)
-        crn_seed = derived_seed(seed, "evaluate", split)
-        runs = {}
-        if phis:
-            names = list(phis)
-            log.info("%s: training %d x %d lifetimes with %s", split, len(names), len(lifetimes), names)
-            result = run_lifetimes(
-                loss["family"],
-                lifetimes,
-                inner,
-                LossSetting("epg", phi=torch.stack([phis[n] for n in names])),
-                loss_net,
-                crn_seed,
-                device,
-            )
-            for index, name in enumerate(names):
-                runs[name] = (result, index)
-        for method in ("ppo", "pg"):
-            if method in config.methods:
-                log.info("%s: training %d lifetimes with %s", split, len(lifetimes), method)
-                result = run_lifetimes(
-                    loss["family"],
-                    lifetimes,
-                    inner,
-                    LossSetting(method, num_members=1),
-                    loss_net,
-                    crn_seed,
-                    device,
-                )
-                runs[method] = (result, 0)
-        results[split] = {
-            name: summarise(
-                result.final_returns[index],
-                result.nonfinite[index],
-                config.confidence,
-                curve_summary(
-                    result.curve[:, index], result.curve_steps, config.curve_points, config.confidence
-                ),
-            )
-            for name, (result, index) in runs.items()
-        }
+    results = {
+        split: _evaluate_split(
+            loss,
+            inner,
+            loss_net,
+            config,
+            phis,
+            split,
+            splits[split],
+            derived_seed(seed, "evaluate", split),
+            device,
+        )
+        for split in config.splits
+    }
     return EpgEvaluation(
         family=loss["family"],
         env_steps_per_lifetime=inner.lifetime_steps,
