@@ -156,7 +156,7 @@ def cmd_score(args) -> int:
     if not agents:
         return _fail(f"no agents in {models} (expected GAME/VARIANT.pt files, as in models/metagrad)")
     config = AtariEvalConfig(episodes=args.episodes)
-    results = evaluate_agents(agents, atari_score_table(), config, args.seed, args.confidence)
+    results = evaluate_agents(agents, atari_score_table(), config, args.seed, args.confidence).to_dict()
     for game, variants in results["games"].items():
         for variant, r in variants.items():
             print(

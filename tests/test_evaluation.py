@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from pipeline.evaluation.atari_eval import AgentScore, AtariEvaluation
 from pipeline.evaluation.epg_eval import CurvePoint, EpgEvaluation, MethodResult, curve_summary, summarise
 from pipeline.evaluation.promotion import decide_promotion
 from pipeline.evaluation.report import render_report
@@ -106,24 +107,27 @@ def fake_results() -> dict:
             },
         ),
         "promotion": {"summary": "alias 'champion' moved to version 3: there is no champion yet"},
-        "atari": {
-            "games": {
+        "atari": AtariEvaluation(
+            games={
                 "pong": {
-                    "impala": {
-                        "mean_score": -20.4,
-                        "ci_low": -20.9,
-                        "ci_high": -19.9,
-                        "hns": 0.0085,
-                        "gamma": 0.99,
-                        "lambda": 1.0,
-                        "train_frames": 500000,
-                        "scores": [-20.0] * 10,
-                    }
+                    "impala": AgentScore(
+                        mean_score=-20.4,
+                        ci_low=-20.9,
+                        ci_high=-19.9,
+                        hns=0.0085,
+                        train_frames=500000,
+                        gamma=0.99,
+                        lambda_=1.0,
+                        scores=[-20.0] * 10,
+                        noops=[1] * 10,
+                        lengths=[800] * 10,
+                    )
                 }
             },
-            "hns": {"impala": {"median": 0.0085, "mean": 0.0085, "games": 1}},
-            "paper_median_hns_percent": {"impala": 191.8},
-        },
+            reference_scores={"pong": {"random": -20.7, "human": 14.6}},
+            hns={"impala": {"median": 0.0085, "mean": 0.0085, "games": 1}},
+            paper_median_hns_percent={"impala": 191.8},
+        ),
         "figures": {"Learning curves, test tasks": "curves_test.png"},
         "run_ids": {"evolve": "r1", "evaluate": "r2"},
         "params": {"seed": 0, "evolve": {"popsize": 16}},
@@ -179,3 +183,19 @@ def test_epg_results_are_typed_and_serialise_to_the_former_layout():
     ]
     assert evolved["curve"][0] == {"env_steps": 64, "mean": 2.0, "low": 2.0, "high": 2.0}
     assert isinstance(points[0], CurvePoint)
+
+
+def test_atari_results_serialise_with_the_yaml_key_lambda():
+    score = fake_results()["atari"].games["pong"]["impala"]
+    assert score.to_dict()["lambda"] == 1.0 and "lambda_" not in score.to_dict()
+    data = fake_results()["atari"].to_dict()
+    assert list(data) == ["games", "reference_scores", "hns", "paper_median_hns_percent"]
+    assert list(data["games"]["pong"]["impala"])[:7] == [
+        "mean_score",
+        "ci_low",
+        "ci_high",
+        "hns",
+        "train_frames",
+        "gamma",
+        "lambda",
+    ]

@@ -78,18 +78,18 @@ def render_report(results: dict) -> str:
             "",
         ]
         rows = []
-        for game, variants in atari["games"].items():
+        for game, variants in atari.games.items():
             for variant, row in variants.items():
                 rows.append(
                     [
                         game,
                         VARIANT_LABELS.get(variant, variant),
-                        f"{_num(row['mean_score'], 1)} [{_num(row['ci_low'], 1)}, {_num(row['ci_high'], 1)}]",
-                        f"{100 * row['hns']:.1f} %",
-                        _num(row["gamma"], 4),
-                        _num(row["lambda"], 3),
-                        f"{row['train_frames']:,}",
-                        str(len(row["scores"])),
+                        f"{_num(row.mean_score, 1)} [{_num(row.ci_low, 1)}, {_num(row.ci_high, 1)}]",
+                        f"{100 * row.hns:.1f} %",
+                        _num(row.gamma, 4),
+                        _num(row.lambda_, 3),
+                        f"{row.train_frames:,}",
+                        str(len(row.scores)),
                     ]
                 )
         lines += _table(
@@ -101,9 +101,9 @@ def render_report(results: dict) -> str:
             [
                 VARIANT_LABELS.get(variant, variant),
                 f"{100 * agg['median']:.1f} % over {agg['games']} game(s)",
-                f"{atari['paper_median_hns_percent'].get(variant, math.nan):.1f} %",
+                f"{atari.paper_median_hns_percent.get(variant, math.nan):.1f} %",
             ]
-            for variant, agg in atari["hns"].items()
+            for variant, agg in atari.hns.items()
         ]
         lines += _table(["variant", "ours (this run)", "paper: 57 games, 200M frames (reference only)"], rows)
         lines += [

@@ -19,6 +19,7 @@ from .report import METHOD_LABELS, VARIANT_LABELS, render_report
 log = logging.getLogger(__name__)
 
 EPG_METRICS = ("mean", "ci_low", "ci_high", "lifetimes", "nonfinite_lifetimes")  # per split and method
+ATARI_METRICS = ("mean_score", "ci_low", "ci_high", "hns", "gamma", "lambda")  # per game and variant
 
 
 @dataclass(frozen=True)
@@ -247,21 +248,21 @@ def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
     atari = results.get("atari")
     if atari:
         hns_rows = [
-            {"game": game, "variant": variant, "mean_score": row["mean_score"], "hns": row["hns"]}
-            for game, variants in atari["games"].items()
+            {"game": game, "variant": variant, "mean_score": row.mean_score, "hns": row.hns}
+            for game, variants in atari.games.items()
             for variant, row in variants.items()
         ]
         write_csv(plots / "hns.csv", hns_rows)
         figures["Human-normalised score per game and variant"] = bar_plot(
             reports / "hns.png",
             {
-                game: {VARIANT_LABELS.get(v, v): 100 * row["hns"] for v, row in variants.items()}
-                for game, variants in atari["games"].items()
+                game: {VARIANT_LABELS.get(v, v): 100 * row.hns for v, row in variants.items()}
+                for game, variants in atari.games.items()
             },
             ylabel="human-normalised score (%)",
             title="No-op-start evaluation",
         )
-        for game in atari["games"]:
+        for game in atari.games:
             for name in ("gamma", "lambda"):
                 series = {}
                 for csv_path in sorted((paths.plots_dir / "metagrad").glob(f"eta_{game}_*.csv")):
@@ -296,14 +297,11 @@ def summary_metrics(results: dict, run_id: str) -> dict:
     atari = results.get("atari")
     if atari:
         metrics["atari"] = {
-            game: {
-                variant: {k: row[k] for k in ("mean_score", "ci_low", "ci_high", "hns", "gamma", "lambda")}
-                for variant, row in variants.items()
-            }
-            for game, variants in atari["games"].items()
+            game: {variant: {k: row.to_dict()[k] for k in ATARI_METRICS} for variant, row in variants.items()}
+            for game, variants in atari.games.items()
         }
-        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari["hns"].items()}
-        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari["hns"].items()}
+        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari.hns.items()}
+        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari.hns.items()}
     metrics["promotion"] = {k: v for k, v in results["promotion"].items()}
     metrics["mlflow_run_id"] = run_id
     return metrics
