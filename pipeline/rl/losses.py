@@ -21,11 +21,10 @@ __all__ = ["normalize_advantages", "ppo_clipped_surrogate", "reinforce_surrogate
 def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-column standardisation over time, ``(A - mean_t A) / (std_t A + eps)``, ``[T, B]``.
 
-    ``std_t`` is the unbiased (n - 1) standard deviation, as ``torch.std``; T must be at least 2.
+    ``std_t`` is the unbiased (n - 1) standard deviation, as ``torch.std``: with T = 1 it is nan, and so
+    is the result (the EPG inner loop then marks the lifetime non-finite).
     """
-    time_steps, _ = _time_batch_shape("advantages", advantages)
-    if time_steps < 2:
-        raise ValueError(f"normalize_advantages needs T >= 2 steps per column, got T = {time_steps}")
+    _time_batch_shape("advantages", advantages)
     mean = advantages.mean(0, keepdim=True)
     return (advantages - mean) / (advantages.std(0, keepdim=True) + eps)
 
