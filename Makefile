@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
 
-# `make repro` runs the default (quick) profile; `make repro PROFILE=paper` first copies
-# params/paper.yaml over params.yaml (see README, "Profiles").
+# `make repro` runs the default (quick) profile; `make repro PROFILE=paper` first merges the
+# params/paper.yaml overlay into params.yaml (see README, "Profiles").
 repro: $(STAMP)
 	@if [ -n "$(PROFILE)" ]; then $(BIN)/python -m pipeline profile $(PROFILE); fi
 	$(BIN)/dvc repro

@@ -26,7 +26,8 @@ import yaml
 
 from pipeline.config import METAGRAD_VARIANTS, load_params
 from pipeline.io import torch_load, write_json
-from pipeline.metagrad.train import History, train_variant, variant_seed
+from pipeline.metagrad.train import History, train_variant
+from pipeline.seeding import variant_seed
 
 
 def parse_config(spec: str) -> tuple[str, dict]:

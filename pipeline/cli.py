@@ -4,12 +4,13 @@ python -m pipeline losses list
 python -m pipeline losses show VERSION|ALIAS
 python -m pipeline losses promote VERSION --alias champion
 python -m pipeline losses export VERSION|ALIAS PATH
-python -m pipeline profile paper        # copy params/paper.yaml over params.yaml (validated first)
+python -m pipeline profile paper        # params.yaml + the params/paper.yaml overlay (validated first)
 python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
 python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so far, from checkpoints
 python -m pipeline score runs/learn/models/metagrad --episodes 30 --out score.json
                                         # no-op-start scores of trained agents (GAME/VARIANT.pt)
 python -m pipeline games                # the ALE games this ale-py ships
+python -m pipeline params-doc           # regenerate docs/params.md from pipeline/config.py
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import tracking
 from .config import ConfigError, ale_games, load_params
+from .profiles import apply_profile
 
 EXIT_USAGE = 2
 
@@ -82,11 +83,10 @@ def cmd_profile(args) -> int:
         names = sorted(p.stem for p in source.parent.glob("*.yaml"))
         return _fail(f"no profile {args.name!r}; available: {', '.join(names)}")
     try:
-        load_params(source)
+        apply_profile(args.name, tracking.project_root())
     except ConfigError as err:
         return _fail("\n".join(err.lines))
-    shutil.copyfile(source, tracking.project_root() / "params.yaml")
-    print(f"params.yaml now holds the {args.name!r} profile ({source})")
+    print(f"params.yaml now holds the {args.name!r} profile ({source} over the quick defaults)")
     return 0
 
 
@@ -112,6 +112,13 @@ def cmd_ui(args) -> int:
 
 def cmd_games(args) -> int:
     print("\n".join(ale_games()))
+    return 0
+
+
+def cmd_params_doc(args) -> int:
+    from .params_doc import write_params_doc
+
+    print(write_params_doc(tracking.project_root() / "docs" / "params.md"))
     return 0
 
 
@@ -149,7 +156,7 @@ def cmd_score(args) -> int:
     if not agents:
         return _fail(f"no agents in {models} (expected GAME/VARIANT.pt files, as in models/metagrad)")
     config = AtariEvalConfig(episodes=args.episodes)
-    results = evaluate_agents(agents, atari_score_table(), config, args.seed, args.confidence)
+    results = evaluate_agents(agents, atari_score_table(), config, args.seed, args.confidence).to_dict()
     for game, variants in results["games"].items():
         for variant, r in variants.items():
             print(
@@ -195,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path")
     losses.set_defaults(func=cmd_losses)
 
-    profile = commands.add_parser("profile", help="switch params.yaml to params/NAME.yaml")
+    profile = commands.add_parser("profile", help="apply the overlay params/NAME.yaml to params.yaml")
     profile.add_argument("name")
     profile.set_defaults(func=cmd_profile)
 
@@ -223,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     games = commands.add_parser("games", help="list the ALE games")
     games.set_defaults(func=cmd_games)
+
+    params_doc = commands.add_parser("params-doc", help="write docs/params.md from the config's docstrings")
+    params_doc.set_defaults(func=cmd_params_doc)
     return parser
 
 

@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TaskFamily = Literal["point_goal", "random_cartpole", "random_hopper"]
-SPLITS = ("test", "ood")
+# Each concept is listed once, here; the config's Literals, the task code and the report's labels are
+# built from these (pipeline.envs.tasks implements one class per task family).
+TASK_FAMILIES = ("point_goal", "random_cartpole", "random_hopper")
+TASK_SPLITS = ("train", "test", "ood")  # evolve trains on "train"; the others are held out
+HELD_OUT_SPLITS = TASK_SPLITS[1:]
 METAGRAD_VARIANTS = {
     # variant name -> which of (gamma, lambda) are meta-learned; "impala" is the {} baseline
     "impala": (),
@@ -26,7 +28,25 @@ METAGRAD_VARIANTS = {
     "gamma": ("gamma",),
     "gamma_lambda": ("gamma", "lambda"),
 }
-EPG_METHODS = ("evolved", "ppo", "pg", "random_loss")
+EPG_METHODS = {  # method -> its label in the report
+    "evolved": "evolved loss (EPG)",
+    "ppo": "PPO",
+    "pg": "vanilla PG (REINFORCE + baseline)",
+    "random_loss": "random loss network (floor)",
+}
+
+TaskFamily = Literal[TASK_FAMILIES]
+HeldOutSplit = Literal[HELD_OUT_SPLITS]
+MetagradVariant = Literal[tuple(METAGRAD_VARIANTS)]
+EpgMethod = Literal[tuple(EPG_METHODS)]
+
+
+def variant_label(variant: str) -> str:
+    """``{γ, λ}`` etc.: the set of meta-learned parameters, as the paper writes it; IMPALA for ``{}``."""
+    symbols = {"gamma": "γ", "lambda": "λ"}
+    learned = ", ".join(symbols[name] for name in METAGRAD_VARIANTS[variant])
+    return f"{{{learned}}}" if learned else "IMPALA {}"
+
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -44,7 +64,10 @@ class ConfigError(Exception):
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Field docstrings become the fields' descriptions: docs/params.md is generated from them.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -70,10 +93,16 @@ def check_game(name: str) -> str:
 
 class PrepareConfig(Frozen):
     games: list[str] = Field(min_length=1)
+    """ALE games to check and describe: snake_case ROM ids (pong, ms_pacman, ...; `python -m pipeline
+    games` lists them). Must include every metagrad game."""
     task_families: list[TaskFamily] = Field(min_length=1)
+    """Task families whose train/test/ood tasks are drawn; must include `evolve.family`."""
     num_train_tasks: PositiveInt = 64
+    """Size of the training pool the evolve stage samples each generation's tasks from."""
     num_test_tasks: PositiveInt = 16
+    """Held-out tasks from the training distribution (evaluation split `test`)."""
     num_ood_tasks: PositiveInt = 16
+    """Out-of-distribution tasks (evaluation split `ood`)."""
 
     @field_validator("games")
     @classmethod
@@ -90,14 +119,20 @@ class LossNetConfig(Frozen):
     """EPG loss network (Houthooft et al. 2018): temporal convolutions over the buffer + an MLP head."""
 
     memory_units: Annotated[int, Field(ge=0)] = 32
+    """Memory units m = tanh(W 1 + b): extra per-lifetime parameters only the loss sees (0: none)."""
     conv_channels: list[PositiveInt] = Field(default=[16, 32], min_length=1)
+    """Channels of the temporal convolutions over the buffer."""
     conv_kernels: list[PositiveInt] = Field(default=[6, 4], min_length=1)
+    """Kernel sizes of the temporal convolutions (one per layer)."""
     conv_strides: list[PositiveInt] = Field(default=[5, 2], min_length=1)
+    """Strides of the temporal convolutions (one per layer)."""
     hidden: PositiveInt = 16
-    # True (the official code): the context is recomputed for every minibatch and the loss also
-    # differentiates through the policy outputs at all N buffer steps. False: the context is an input,
-    # computed once per update without gradient; only the minibatch steps are differentiated (cheaper).
+    """Width of the loss network's MLP head."""
     context_gradient: bool = True
+    """True (the official code): the context is recomputed for every minibatch and the loss also
+    differentiates through the policy outputs at all N buffer steps. False: the context is
+    computed once per update without gradient and only the minibatch steps are differentiated
+    (cheaper)."""
 
     @model_validator(mode="after")
     def _same_lengths(self):
@@ -115,26 +150,44 @@ class PPOConfig(Frozen):
     """PPO/PG settings shared by the annealed PPO term of EPG and the PPO/PG baselines."""
 
     clip: PositiveFloat = 0.2
+    """PPO clip range epsilon: the ratio is clipped to [1 - clip, 1 + clip]."""
     gamma: Probability = 0.99
+    """Discount of the returns and GAE."""
     gae_lambda: Fraction = 0.95
+    """GAE lambda of PPO's advantages (REINFORCE uses 1, the Monte-Carlo return)."""
     value_coef: Annotated[float, Field(ge=0)] = 0.5
+    """Weight of the value regression 0.5 (v - G)^2."""
     entropy_coef: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the entropy bonus."""
 
 
 class InnerLoopConfig(Frozen):
     """One EPG lifetime (Algorithm 1): a fresh policy trained for ``lifetime_steps`` env steps."""
 
-    lifetime_steps: PositiveInt = 2048  # U
-    update_every: PositiveInt = 64  # M
-    buffer_size: PositiveInt = 256  # N
+    lifetime_steps: PositiveInt = 2048
+    """U: env steps of one lifetime (a fresh policy trained from scratch); a multiple of
+    `update_every`."""
+    update_every: PositiveInt = 64
+    """M: env steps between updates; each update trains on these M steps."""
+    buffer_size: PositiveInt = 256
+    """N: steps of the buffer the evolved loss sees (its temporal context); at least `update_every`."""
     minibatch_size: PositiveInt = 32
+    """Steps per minibatch Adam step; divides `update_every`."""
     epochs: PositiveInt = 1
+    """Passes over the M steps per update."""
     lr: PositiveFloat = 1e-3
+    """Adam learning rate of the policy (and value, memory) parameters."""
     policy_hidden: list[PositiveInt] = Field(default=[64, 64], min_length=1)
+    """Hidden layer widths of the policy (and value) MLPs."""
     init_log_std: float = -0.5
+    """Initial log standard deviation of the Gaussian policy (continuous actions)."""
     fitness: Literal["final_episodes", "lifetime"] = "final_episodes"
+    """`final_episodes`: mean return of fresh episodes after training (the paper); `lifetime`: mean
+    return of the episodes finished during the lifetime."""
     fitness_episodes: PositiveInt = 3
+    """Episodes played after training for `final_episodes` fitness."""
     ppo: PPOConfig = PPOConfig()
+    """PPO/PG settings shared by the annealed PPO term of EPG and the PPO/PG baselines."""
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -157,23 +210,42 @@ class InnerLoopConfig(Frozen):
 
 class EvolveConfig(Frozen):
     family: TaskFamily = "point_goal"
+    """Task family the loss is evolved on (listed in `prepare.task_families`)."""
     generations: PositiveInt = 40
-    popsize: Annotated[int, Field(ge=2)] = 16  # V, perturbed losses per generation
+    """ES generations (the paper's epochs E)."""
+    popsize: Annotated[int, Field(ge=2)] = 16
+    """V: perturbed losses per generation; even when `antithetic`."""
     antithetic: bool = True
-    workers: PositiveInt = 8  # W lifetimes (tasks) per population member
+    """Mirrored sampling: perturbations come in +eps / -eps pairs."""
+    workers: PositiveInt = 8
+    """W: lifetimes (tasks) per population member; the member's fitness is their mean."""
     sigma: PositiveFloat = 0.01
+    """Fixed standard deviation of the ES perturbations."""
     lr_start: PositiveFloat = 1e-2
+    """ES Adam learning rate at generation 0."""
     lr_end: PositiveFloat = 1e-3
+    """ES Adam learning rate after `lr_decay_fraction` of the generations (linear in between)."""
     lr_decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Fraction of the generations over which the learning rate falls from `lr_start` to `lr_end`."""
     l2: Annotated[float, Field(ge=0)] = 1e-3
+    """L2 decay on phi added to the ES gradient."""
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """ES Adam beta1 (0 in the paper)."""
     adam_beta2: Probability = 0.999
+    """ES Adam beta2."""
     ppo_anneal_fraction: Fraction = 0.125
+    """alpha of (1 - alpha) L_phi + alpha L_PPO falls from 1 to 0 over this fraction of the
+    generations; 0 = pure evolved loss."""
     num_actors: Annotated[int, Field(ge=0)] = 0
-    device: Device = "auto"  # where the lifetimes run; "auto" takes a CUDA GPU when torch sees one
+    """Ray actors for fitness evaluation when > 1 (RAY_ADDRESS picks a cluster); 0 or 1: in process."""
+    device: Device = "auto"
+    """Where the lifetimes run: `cpu`, `cuda`, or `auto` (a CUDA GPU when torch sees one)."""
     checkpoint_every: PositiveInt = 5
+    """Generations between checkpoints of the whole ES state."""
     inner: InnerLoopConfig = InnerLoopConfig()
+    """The inner loop: one EPG lifetime."""
     loss_net: LossNetConfig = LossNetConfig()
+    """The evolved loss network's architecture."""
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -192,51 +264,88 @@ class MetaConfig(Frozen):
     """Meta-gradient settings (Xu, van Hasselt & Silver 2018)."""
 
     objective: Literal["policy_gradient", "value_error"] = "policy_gradient"
-    lr: PositiveFloat = 1e-3  # beta, Adam on the logits of eta
+    """Meta-objective: `policy_gradient` (the paper's) or `value_error`."""
+    lr: PositiveFloat = 1e-3
+    """beta: Adam learning rate on the logits of eta = (gamma, lambda)."""
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """Meta Adam beta1."""
     adam_beta2: Probability = 0.999
-    gamma_bar: Probability = 0.99  # fixed discount of the meta-objective
+    """Meta Adam beta2."""
+    gamma_bar: Probability = 0.99
+    """Fixed discount of the meta-objective."""
     lambda_bar: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Fixed lambda of the meta-objective."""
     init_gamma: Probability = 0.99
+    """Initial value of a meta-learned gamma."""
     init_lambda: Probability = 0.99
+    """Initial value of a meta-learned lambda."""
     grad_mode: Literal["jvp", "naive"] = "jvp"
+    """`jvp` (forward-mode meta-gradient) or `naive` (the slower test oracle)."""
     embedding_dim: PositiveInt = 16
+    """Size of the eta embedding the agent is conditioned on."""
 
 
 class AtariEnvConfig(Frozen):
     frameskip: PositiveInt = 4
+    """Frames per agent step (max-pooled over the last two)."""
     stack: PositiveInt = 4
+    """Frames stacked into one observation."""
     noop_max: Annotated[int, Field(ge=0)] = 30
+    """At most this many no-op actions at the start of an episode."""
     max_episode_frames: PositiveInt = 108_000
-    env_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per core
+    """Episodes are truncated after this many frames."""
+    env_threads: Annotated[int, Field(ge=0)] = 0
+    """ALE threads of the vector env; 0: one per core."""
 
 
 class MetagradConfig(Frozen):
     games: list[str] = Field(min_length=1)
-    variants: list[Literal["impala", "lambda", "gamma", "gamma_lambda"]] = Field(min_length=1)
-    frames: PositiveInt = 200_000  # per variant and game, counting skipped frames (4 per agent step)
+    """Games to train on (listed in `prepare.games`)."""
+    variants: list[MetagradVariant] = Field(min_length=1)
+    """Which of (gamma, lambda) are meta-learned: `impala` (the {} baseline, required), `lambda`,
+    `gamma`, `gamma_lambda`."""
+    frames: PositiveInt = 200_000
+    """Frames per variant and game, counting skipped frames (4 per agent step)."""
     num_envs: PositiveInt = 32
+    """Parallel environments (batch size of an update)."""
     unroll: PositiveInt = 20
+    """Steps per unroll (trajectory length of an update)."""
     network: Literal["nature", "impala_resnet"] = "nature"
+    """`nature` (DQN CNN) or `impala_resnet`."""
     device: Device = "auto"
+    """`cpu`, `cuda`, or `auto` (a CUDA GPU when torch sees one)."""
     lr: PositiveFloat = 6e-4
-    lr_decay: bool = True  # linearly to 0 over `frames`
+    """RMSProp learning rate."""
+    lr_decay: bool = True
+    """Decay the learning rate linearly to 0 over `frames`."""
     rmsprop_alpha: Probability = 0.99
+    """RMSProp smoothing constant."""
     rmsprop_eps: PositiveFloat = 0.01
+    """RMSProp epsilon."""
     entropy_cost: Annotated[float, Field(ge=0)] = 0.01
+    """Weight of the entropy bonus."""
     baseline_cost: Annotated[float, Field(ge=0)] = 0.5
+    """Weight of the value (baseline) loss."""
     grad_clip: PositiveFloat = 40.0
+    """Global gradient-norm clip."""
     reward_clip: PositiveFloat = 1.0
-    gamma: Probability = 0.99  # used where gamma is not meta-learned
-    lambda_: Annotated[float, Field(gt=0, le=1, alias="lambda")] = (
-        1.0  # used where lambda is not meta-learned
-    )
+    """Rewards are clipped to [-reward_clip, reward_clip]."""
+    gamma: Probability = 0.99
+    """Discount where gamma is not meta-learned."""
+    lambda_: Annotated[float, Field(gt=0, le=1, alias="lambda")] = 1.0
+    """V-trace lambda where lambda is not meta-learned (key `lambda`)."""
     clip_rho: PositiveFloat = 1.0
+    """V-trace rho-bar: clip of the importance weights in the value targets."""
     clip_c: PositiveFloat = 1.0
-    checkpoint_every: PositiveInt = 50  # updates
-    log_every: PositiveInt = 10  # updates
+    """V-trace c-bar: clip of the trace-cutting coefficients."""
+    checkpoint_every: PositiveInt = 50
+    """Updates between checkpoints."""
+    log_every: PositiveInt = 10
+    """Updates between logged metrics."""
     env: AtariEnvConfig = AtariEnvConfig()
+    """Atari preprocessing."""
     meta: MetaConfig = MetaConfig()
+    """Meta-gradient settings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -261,49 +370,73 @@ class MetagradConfig(Frozen):
 
 # --------------------------------------------------------------------------------------------- evaluate
 class EpgEvalConfig(Frozen):
-    loss: str = "models/epg/loss.pt"  # a file, or a registry URI such as models:/epg-loss@champion
+    loss: str = "models/epg/loss.pt"
+    """The evolved loss: a file, or a registry URI such as `models:/epg-loss@champion`."""
     seeds: PositiveInt = 5
-    methods: list[Literal["evolved", "ppo", "pg", "random_loss"]] = Field(
-        default=list(EPG_METHODS), min_length=1
-    )
-    splits: list[Literal["test", "ood"]] = Field(default=list(SPLITS), min_length=1)
+    """Seeds per task: each method trains one fresh policy per (task, seed) pair."""
+    methods: list[EpgMethod] = Field(default=list(EPG_METHODS), min_length=1)
+    """Methods compared on the same lifetimes: `evolved`, `ppo`, `pg` (REINFORCE + baseline),
+    `random_loss` (a random loss network, the floor)."""
+    splits: list[HeldOutSplit] = Field(default=list(HELD_OUT_SPLITS), min_length=1)
+    """Held-out task splits to evaluate on: `test` (training distribution) and/or `ood`."""
     max_tasks_per_split: PositiveInt = 16
+    """At most this many tasks of each split."""
     curve_points: PositiveInt = 16
+    """Points kept of each learning curve."""
     confidence: Probability = 0.95
-    device: Device = "auto"  # where the evaluation lifetimes run
+    """Level of the Student-t confidence intervals."""
+    device: Device = "auto"
+    """Where the evaluation lifetimes run: `cpu`, `cuda`, or `auto`."""
 
 
 class AtariEvalConfig(Frozen):
     episodes: PositiveInt = 30
+    """No-op-start episodes per trained agent."""
     noop_max: PositiveInt = 30
+    """At most this many no-op actions at the start of an episode."""
     max_episode_frames: PositiveInt = 108_000
+    """Episodes are truncated after this many frames."""
 
 
 class PromotionConfig(Frozen):
     enabled: bool = True
+    """Move the alias to the evaluated loss when its held-out return beats the holder's (or there is none)."""
     alias: str = "champion"
+    """Registry alias of the best loss so far."""
 
 
 class EvaluateConfig(Frozen):
     epg: EpgEvalConfig = EpgEvalConfig()
+    """The evolved loss on held-out and out-of-distribution tasks."""
     atari: AtariEvalConfig = AtariEvalConfig()
+    """Scores of the trained metagrad agents."""
     promotion: PromotionConfig = PromotionConfig()
+    """Promotion of the evaluated loss in the Model Registry."""
 
 
 # --------------------------------------------------------------------------------------------- top level
 class TrackingConfig(Frozen):
     experiment: str = Field(default="meta-rl", min_length=1)
+    """MLflow experiment every stage logs to."""
     registered_model: str = Field(default="epg-loss", min_length=1)
+    """MLflow Model Registry name of the evolved losses."""
     system_metrics: bool = True
+    """Log CPU/memory metrics for the long stages."""
 
 
 class PipelineConfig(Frozen):
     seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    """Root seed: every other seed is derived from it and names (`pipeline/seeding.py`)."""
     tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking."""
     prepare: PrepareConfig
+    """The prepare stage: ROM checks, env metadata, task splits."""
     evolve: EvolveConfig = EvolveConfig()
+    """The evolve stage: EPG, evolution strategies over the loss parameters phi."""
     metagrad: MetagradConfig
+    """The metagrad stage: IMPALA with meta-gradients on gamma/lambda."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """The evaluate stage."""
 
     @model_validator(mode="after")
     def _cross_section(self):
@@ -319,18 +452,12 @@ STAGES = ("prepare", "evolve", "metagrad", "evaluate")
 
 
 def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
-    """Read and validate a params file; raise ConfigError with one line per bad key."""
+    """Read and validate a params file (a profile overlay is merged onto its base first, see
+    ``pipeline.profiles``); raise ConfigError with one line per bad key."""
+    from .profiles import read_params  # profiles builds on this module
+
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            [f"{path}: expected a mapping of sections ({', '.join(PipelineConfig.model_fields)})"]
-        )
+    raw = read_params(path)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:

@@ -85,7 +85,7 @@ def describe_family(family: str, seed: int) -> dict:
 
 def task_splits(config: PrepareConfig, seed: int) -> dict:
     """Train pool, held-out test tasks (same distribution) and out-of-distribution tasks per family."""
-    sizes = {"train": config.num_train_tasks, "test": config.num_test_tasks, "ood": config.num_ood_tasks}
+    sizes = {split: getattr(config, f"num_{split}_tasks") for split in task_envs.SPLITS}
     families = {}
     for family in config.task_families:
         families[family] = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ale_games
+from pipeline.config import ale_games, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 MODEL = "cli-loss"  # tracking.registered_model in the store folder's params.yaml
@@ -158,13 +158,17 @@ def test_profile_unknown_name_exits_2_listing_profiles(project_copy):
     assert (project_copy / "params.yaml").read_bytes() == before
 
 
-def test_profile_copies_a_valid_profile_over_params_yaml(project_copy):
+def test_profile_applies_the_overlay_to_params_yaml(project_copy):
     result = cli(project_copy, "profile", "learn")
     assert result.returncode == 0, result.stderr
-    assert (project_copy / "params.yaml").read_bytes() == (
-        project_copy / "params" / "learn.yaml"
-    ).read_bytes()
+    written = project_copy / "params.yaml"
+    assert written.read_text().startswith("# profile: learn\n")
+    assert load_params(written) == load_params(PROJECT / "params" / "learn.yaml")
     assert "params.yaml now holds the 'learn' profile" in result.stdout
+    again = cli(project_copy, "profile", "learn")  # the same overlay twice changes nothing
+    assert again.returncode == 0 and load_params(written) == load_params(PROJECT / "params" / "learn.yaml")
+    refused = cli(project_copy, "profile", "paper")  # a different overlay is not stacked on top
+    assert refused.returncode == 2 and "holds the 'learn' profile" in refused.stderr
 
 
 def test_profile_with_invalid_params_is_refused(project_copy):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from pathlib import Path
 
 import pydantic
@@ -14,7 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import (
+    EPG_METHODS,
+    HELD_OUT_SPLITS,
+    TASK_FAMILIES,
+    TASK_SPLITS,
     ConfigError,
+    EpgEvalConfig,
     EvolveConfig,
     MetagradConfig,
     PipelineConfig,
@@ -24,6 +30,7 @@ from pipeline.config import (
     section_dict,
 )
 from pipeline.devices import resolve_device
+from pipeline.profiles import read_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 PARAM_FILES = [PROJECT / "params.yaml", *sorted((PROJECT / "params").glob("*.yaml"))]
@@ -63,7 +70,7 @@ def test_committed_params_files_load_and_round_trip(path):
     assert again == config
     # the aliased field survives the round trip under its YAML name
     assert "lambda" in config.model_dump(by_alias=True)["metagrad"]
-    assert again.metagrad.lambda_ == yaml.safe_load(path.read_text())["metagrad"]["lambda"]
+    assert again.metagrad.lambda_ == read_params(path)["metagrad"]["lambda"]
 
 
 def test_default_params_yaml_has_expected_values():
@@ -380,3 +387,103 @@ def test_device_params_resolve_with_errors_that_name_the_key():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"evolve\.device is 'cuda' but no CUDA device"):
             resolve_device("cuda", "evolve.device")
+
+
+# ---------------------------------------------------------------------------------- one list per concept
+def test_each_concept_is_listed_once_and_everything_is_built_from_it(write_params):
+    from pipeline.envs.tasks import FAMILIES, SPLITS
+    from pipeline.evaluation.report import METHOD_LABELS, VARIANT_LABELS
+
+    assert tuple(FAMILIES) == TASK_FAMILIES  # one implementation per listed family, in order
+    assert SPLITS == TASK_SPLITS and HELD_OUT_SPLITS == ("test", "ood")
+    assert EpgEvalConfig().methods == list(EPG_METHODS) and EpgEvalConfig().splits == ["test", "ood"]
+    assert set(METHOD_LABELS) == {*EPG_METHODS, "champion"}
+    assert VARIANT_LABELS == {
+        "impala": "IMPALA {}",
+        "lambda": "{λ}",
+        "gamma": "{γ}",
+        "gamma_lambda": "{γ, λ}",
+    }
+    with pytest.raises(ConfigError, match="'point_goal', 'random_cartpole' or 'random_hopper'"):
+        load_params(write_params(lambda p: p["evolve"].update(family="ant")))
+    with pytest.raises(ConfigError, match="'impala', 'lambda', 'gamma' or 'gamma_lambda'"):
+        load_params(write_params(lambda p: p["metagrad"].update(variants=["impala", "delta"])))
+
+
+# ---------------------------------------------------------------------------------- params reference
+def _models(model: type[pydantic.BaseModel]):
+    yield model
+    for field in model.model_fields.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, pydantic.BaseModel):
+            yield from _models(field.annotation)
+
+
+def test_every_param_is_documented_by_its_field_docstring():
+    undocumented = [
+        f"{model.__name__}.{name}"
+        for model in _models(PipelineConfig)
+        for name, field in model.model_fields.items()
+        if not field.description
+    ]
+    assert undocumented == []
+
+
+def test_committed_params_reference_is_up_to_date():
+    from pipeline.params_doc import render
+
+    committed = (PROJECT / "docs" / "params.md").read_text()
+    assert committed == render(), "docs/params.md is stale: run `python -m pipeline params-doc`"
+    assert "| `metagrad.lambda` | float, > 0, <= 1 | `1.0` |" in committed  # aliases by their YAML key
+    assert "| `prepare.games` | list of str (length >= 1) | *required* |" in committed
+
+
+# ---------------------------------------------------------------------------------- profile overlays
+# params_hash of each profile's whole config when the profiles were full copies of params.yaml: the
+# overlays give exactly the same configs.
+PROFILE_HASHES = {"paper": "f3f1df74f5dc31e2", "learn": "5a7e2d3edd121394"}
+
+
+@pytest.mark.parametrize("name", sorted(PROFILE_HASHES))
+def test_profile_overlays_give_the_configs_of_the_former_full_copies(name):
+    config = load_params(PROJECT / "params" / f"{name}.yaml")
+    assert params_hash(config.model_dump(mode="json", by_alias=True)) == PROFILE_HASHES[name]
+    overlay = yaml.safe_load((PROJECT / "params" / f"{name}.yaml").read_text())
+    assert overlay.pop("overlay_of") == "../params.yaml"
+    base = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for section, values in overlay.items():  # an overlay holds only what differs
+        if isinstance(values, dict):
+            assert all(base[section].get(key) != value for key, value in values.items()), section
+        else:
+            assert base[section] != values, section
+
+
+def test_deep_merge_merges_mappings_and_replaces_everything_else():
+    from pipeline.profiles import deep_merge
+
+    base = {"a": {"x": 1, "y": [1, 2], "z": {"p": 1}}, "b": 2}
+    merged = deep_merge(base, {"a": {"y": [3], "z": {"q": 2}}, "c": 3})
+    assert merged == {"a": {"x": 1, "y": [3], "z": {"p": 1, "q": 2}}, "b": 2, "c": 3}
+    assert base == {"a": {"x": 1, "y": [1, 2], "z": {"p": 1}}, "b": 2}  # inputs untouched
+
+
+def test_overlay_is_validated_like_a_full_file_with_errors_naming_it(tmp_path, raw_params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    (tmp_path / "params").mkdir()
+    overlay = tmp_path / "params" / "bad.yaml"
+    overlay.write_text("overlay_of: ../params.yaml\nevolve: {popsiz: 4, sigma: -1}\n")
+    lines = config_error_lines(overlay)
+    assert any(line.startswith(f"{overlay}: evolve.popsiz: unknown key") for line in lines)
+    assert any(line.startswith(f"{overlay}: evolve.sigma = -1:") for line in lines)
+    overlay.write_text("overlay_of: ../nowhere.yaml\nseed: 3\n")
+    assert config_error_lines(overlay) == [f"{(tmp_path / 'nowhere.yaml').resolve()}: file not found"]
+
+
+def test_an_overlay_is_not_stacked_on_another_profile(tmp_path):
+    from pipeline.profiles import apply_profile
+
+    shutil.copytree(PROJECT / "params", tmp_path / "params")
+    shutil.copyfile(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    apply_profile("paper", tmp_path)
+    assert load_params(tmp_path / "params.yaml") == load_params(PROJECT / "params" / "paper.yaml")
+    lines = config_error_lines(tmp_path / "params" / "learn.yaml")
+    assert "holds the 'paper' profile; restore the defaults first (git checkout params.yaml)" in lines[0]

@@ -187,12 +187,6 @@ def test_a_cpu_run_keeps_its_torch_threads():
     assert torch.get_num_threads() == threads
 
 
-def test_variant_seed_is_shared_by_variants_and_differs_by_game():
-    assert train_module.variant_seed(0, "pong") == train_module.variant_seed(0, "pong")
-    assert train_module.variant_seed(0, "pong") != train_module.variant_seed(0, "breakout")
-    assert train_module.variant_seed(0, "pong") != train_module.variant_seed(1, "pong")
-
-
 # --------------------------------------------------------------------------------------------- stage script
 STAGE_FRAMES = 1280  # 20 updates of 4 envs x 4 steps x 4 frames per variant
 

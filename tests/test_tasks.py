@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import gymnasium
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import seeding
 from pipeline.envs.tasks import (
     FAMILIES,
     BatchedTaskEnv,
     PointGoalEnv,
     RandomCartPoleEnv,
     StepResult,
+    load_tasks,
     make_env,
     sample_tasks,
     task_param_ranges,
@@ -247,11 +250,48 @@ def test_sample_tasks_determinism_and_ranges(family):
     assert sample_tasks(family, "train", 0, seed=1) == []
 
 
+def test_point_goal_draws_are_pinned():
+    # Keyed by the family's name: these stay put whatever families are added (seed 0).
+    train, ood = sample_tasks("point_goal", "train", 3, 0), sample_tasks("point_goal", "ood", 2, 0)
+    assert [t["params"]["goal_angle"] for t in train] == pytest.approx(
+        [2.6459816884771357, 2.489664497768703, 2.4696516471699663], abs=1e-15
+    )
+    assert [t["seed"] for t in train] == [799046048, 588593710, 1036533149]
+    assert [t["params"]["goal_angle"] for t in ood] == pytest.approx(
+        [3.270291436409888, 6.087949426748863], abs=1e-15
+    )
+
+
+def test_a_new_family_sorting_first_leaves_other_draws_unchanged(monkeypatch):
+    before = {family: sample_tasks(family, "test", 4, 3) for family in FAMILIES}
+    monkeypatch.setitem(FAMILIES, "aaa_point_goal", PointGoalEnv)
+    for family, tasks in before.items():
+        assert sample_tasks(family, "test", 4, 3) == tasks
+
+
 def test_point_goal_ood_is_lower_half():
     for t in sample_tasks("point_goal", "ood", 200, seed=5):
         assert math.sin(t["params"]["goal_angle"]) <= 0.0
     for t in sample_tasks("point_goal", "train", 200, seed=5):
         assert math.sin(t["params"]["goal_angle"]) >= 0.0
+
+
+def test_load_tasks_reads_one_family_of_the_prepare_output(tmp_path):
+    tasks = {"train": sample_tasks("point_goal", "train", 2, 0), "test": [], "ood": []}
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps({"format_version": 1, "families": {"point_goal": tasks}}))
+    assert load_tasks(path, "point_goal") == tasks
+    with pytest.raises(ValueError, match=r"no tasks for family 'random_cartpole'; it has: point_goal"):
+        load_tasks(path, "random_cartpole")
+
+
+def test_derived_seeds_are_pinned():
+    # Values of the functions before they moved to pipeline/seeding.py: the move changed no seed.
+    assert seeding.derived_seed(0, "crn", 3) == 1983632032
+    assert seeding.derived_seed(5, "evaluate", "ood") == 1945032611
+    assert seeding.variant_seed(0, "pong") == 3177736
+    assert seeding.variant_seed(1, "pong") == 4177739
+    assert seeding.variant_seed(0, "breakout") == 45927153
 
 
 def test_make_env_stacks_params():

@@ -19,12 +19,16 @@ finished episode is kept in :attr:`BatchedTaskEnv.final_obs` (useful for bootstr
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import gymnasium
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import TASK_SPLITS
+from ..io import read_json
+from ..seeding import name_key
 from .batched import BatchedTaskEnv, StepResult
 from .hopper import RandomHopperEnv
 
@@ -36,12 +40,13 @@ __all__ = [
     "RandomCartPoleEnv",
     "RandomHopperEnv",
     "StepResult",
+    "load_tasks",
     "make_env",
     "sample_tasks",
     "task_param_ranges",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "test", "ood")
+SPLITS = TASK_SPLITS
 
 
 class PointGoalEnv(BatchedTaskEnv):
@@ -180,16 +185,18 @@ def task_param_ranges(family: str) -> dict[str, dict[str, tuple[float, float]]]:
 def sample_tasks(family: str, split: str, n: int, seed: int) -> list[dict]:
     """Draw ``n`` tasks of ``family`` for ``split``; deterministic given ``(family, split, n, seed)``.
 
-    "train" and "test" share one distribution but use different seed streams; "ood" uses the
-    out-of-distribution ranges.  Each task: ``{"task_id", "seed", "params": {name: float}}``.
+    The random stream is keyed by hashes of the family and split names, so the draws of one family do
+    not depend on which other families exist. "train" and "test" share one distribution but use
+    different seed streams; "ood" uses the out-of-distribution ranges. Each task:
+    ``{"task_id", "seed", "params": {name: float}}``.
     """
     cls = _family(family)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    family_key = sorted(FAMILIES).index(family)
-    ss = np.random.SeedSequence(entropy=int(seed), spawn_key=(family_key, SPLITS.index(split)))
+    # Keyed by names, not positions: a family or split added later leaves every other draw unchanged.
+    ss = np.random.SeedSequence(entropy=int(seed), spawn_key=(name_key(family), name_key(split)))
     param_rng, seed_rng = (np.random.default_rng(s) for s in ss.spawn(2))
     ranges = task_param_ranges(family)[split]
     columns = {}
@@ -205,6 +212,15 @@ def sample_tasks(family: str, split: str, n: int, seed: int) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def load_tasks(tasks_path: str | Path, family: str) -> dict:
+    """The train / test / ood task lists of one family from the prepare stage's ``tasks.json``."""
+    data = read_json(Path(tasks_path))
+    families = data.get("families", {})
+    if family not in families:
+        raise ValueError(f"{tasks_path} has no tasks for family {family!r}; it has: {', '.join(families)}")
+    return families[family]
 
 
 def make_env(

@@ -18,14 +18,15 @@ import torch
 from tqdm import tqdm
 
 from ..config import PipelineConfig, params_hash, section_dict
-from ..envs.tasks import make_env
-from ..io import read_json, torch_load, torch_save, write_csv, write_json
+from ..envs.tasks import load_tasks, make_env
+from ..io import torch_load, torch_save, write_csv, write_json
 from ..plots import line_plot
+from ..seeding import derived_seed
 from ..stage import resumable_stage_run
 from ..tracking import git_state, register_loss
 from .inner import loss_net_input_dim, policy_spec
 from .loss_net import initial_phi
-from .problem import EPGProblem, OpenAIES, derived_seed, learning_rate, ppo_weight
+from .problem import EPGProblem, OpenAIES, learning_rate, ppo_weight
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ FITNESS_COLUMNS = [
     "alpha",
     "env_steps_per_second",
 ]
-
-
-def load_tasks(tasks_path: Path, family: str) -> dict:
-    """The train / test / ood task lists of one family from the prepare stage's tasks.json."""
-    data = read_json(tasks_path)
-    families = data.get("families", {})
-    if family not in families:
-        raise ValueError(f"{tasks_path} has no tasks for family {family!r}; it has: {', '.join(families)}")
-    return families[family]
 
 
 def loss_spec(config: PipelineConfig, tasks: list[dict]) -> dict:

@@ -28,6 +28,7 @@ import torch
 
 from ..config import InnerLoopConfig, LossNetConfig
 from ..envs.tasks import make_env
+from ..rl import losses
 from ..rl import policy as pol
 from ..rl.returns import lambda_returns
 from .loss_net import LossNetwork, MemberLosses, ParamLayout, loss_input_dim
@@ -352,20 +353,21 @@ class Lifetimes:
         return per_step.mean(-1).reshape(self.lifetimes)
 
     def policy_gradient_loss(self, batch, advantages, returns, old_log_probs) -> torch.Tensor:
-        """Clipped PPO (``ppo``, also the annealed term of ``epg``) or REINFORCE with baseline (``pg``)."""
+        """Clipped PPO (``ppo``, also the annealed term of ``epg``) or REINFORCE with baseline (``pg``),
+        plus the value regression, per lifetime [L]; the surrogates are time-major over the minibatch."""
         config, window, spec = self.config, self.window, self.spec
         obs = window["obs"][batch].transpose(0, 1)  # [L, b, obs]
-        adv, target = advantages[batch].T, returns[batch].T  # [L, b]
         heads = self.head_fn(self.policy, obs)
-        log_probs = pol.log_prob(spec, heads, window["act"][batch].transpose(0, 1))
+        log_probs = pol.log_prob(spec, heads, window["act"][batch].transpose(0, 1)).T  # [b, L]
+        adv = advantages[batch]  # [b, L]
         if self.loss.method == "pg":
-            policy_loss = -(log_probs * adv).mean(-1)
+            policy_loss = losses.reinforce_surrogate(log_probs, adv)
         else:
-            adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
-            ratio = torch.exp(log_probs - old_log_probs[:, batch])
-            clipped = torch.clamp(ratio, 1 - config.ppo.clip, 1 + config.ppo.clip)
-            policy_loss = -torch.minimum(ratio * adv, clipped * adv).mean(-1)
-        value_loss = 0.5 * ((pol.mlp(self.value, obs).squeeze(-1) - target) ** 2).mean(-1)
+            policy_loss = losses.ppo_clipped_surrogate(
+                log_probs, old_log_probs[:, batch].T, losses.normalize_advantages(adv), config.ppo.clip
+            )
+        values = pol.mlp(self.value, obs).squeeze(-1).T  # [b, L]
+        value_loss = losses.value_loss(values, returns[batch])
         entropy = pol.entropy(spec, heads).mean(-1) if config.ppo.entropy_coef else 0.0
         return policy_loss + config.ppo.value_coef * value_loss - config.ppo.entropy_coef * entropy
 

@@ -13,7 +13,6 @@ centered ranks, Adam with beta1 = 0, and L2 decay on phi: g = sum_i rank_i eps_i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -24,17 +23,12 @@ from evotorch.algorithms import PGPE
 
 from ..config import EvolveConfig
 from ..devices import keep_freed_cpu_memory, resolve_device
+from ..seeding import derived_seed
 from .inner import LossSetting, run_lifetimes
 
 log = logging.getLogger(__name__)
 
 WORST_FITNESS = -float("inf")
-
-
-def derived_seed(*parts: int | str) -> int:
-    """A 31-bit seed from any tuple of ints/strings (stable across processes and machines)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def ppo_weight(config: EvolveConfig, generation: int) -> float:

@@ -8,6 +8,7 @@ raw (unclipped) game scores. All episodes of a game run in parallel in one vecto
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +75,57 @@ def play_episodes(
     return {"scores": scores.tolist(), "noops": first_noops.tolist(), "lengths": lengths.tolist()}
 
 
+@dataclass(frozen=True)
+class AgentScore:
+    """One trained agent's no-op-start evaluation: raw scores with their CI, HNS, what it had learned."""
+
+    mean_score: float
+    ci_low: float
+    ci_high: float
+    hns: float
+    train_frames: int
+    gamma: float
+    lambda_: float
+    scores: list[float]
+    noops: list[int]
+    lengths: list[int]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        # the same keys as the params and the metrics: "lambda"
+        return {("lambda" if key == "lambda_" else key): value for key, value in data.items()}
+
+
+@dataclass(frozen=True)
+class AtariEvaluation:
+    """``games[game][variant]`` scores, the reference table rows used, HNS aggregated per variant."""
+
+    games: dict[str, dict[str, AgentScore]]
+    reference_scores: dict[str, dict[str, float]]
+    hns: dict[str, dict[str, float]]  # variant -> {"median", "mean", "games"}
+    paper_median_hns_percent: dict[str, float] = field(default_factory=lambda: dict(PAPER_MEDIAN_HNS))
+
+    def to_dict(self) -> dict:
+        return {
+            "games": {
+                game: {variant: score.to_dict() for variant, score in variants.items()}
+                for game, variants in self.games.items()
+            },
+            "reference_scores": self.reference_scores,
+            "hns": self.hns,
+            "paper_median_hns_percent": self.paper_median_hns_percent,
+        }
+
+
 def evaluate_agents(
     model_paths: dict[str, dict[str, Path]],
     scores_table: dict,
     config: AtariEvalConfig,
     seed: int,
     confidence: float,
-) -> dict:
+) -> AtariEvaluation:
     """``model_paths[game][variant]`` -> raw scores, HNS per game and variant, median/mean HNS."""
-    per_game: dict[str, dict] = {}
+    per_game: dict[str, dict[str, AgentScore]] = {}
     hns_by_variant: dict[str, dict[str, float]] = {}
     for game, variants in model_paths.items():
         if game not in scores_table["games"]:
@@ -96,20 +139,19 @@ def evaluate_agents(
             played = play_episodes(net, eta, game, config, env_config, seed)
             interval = mean_ci(played["scores"], confidence)
             hns = human_normalized(interval.mean, reference["random"], reference["human"])
-            per_game[game][variant] = {
-                "mean_score": interval.mean,
-                "ci_low": interval.low,
-                "ci_high": interval.high,
-                "hns": hns,
-                "train_frames": checkpoint["frames"],
-                "gamma": float(eta[0]),
-                "lambda": float(eta[1]),
+            per_game[game][variant] = AgentScore(
+                mean_score=interval.mean,
+                ci_low=interval.low,
+                ci_high=interval.high,
+                hns=hns,
+                train_frames=checkpoint["frames"],
+                gamma=float(eta[0]),
+                lambda_=float(eta[1]),
                 **played,
-            }
+            )
             hns_by_variant.setdefault(variant, {})[game] = hns
-    return {
-        "games": per_game,
-        "reference_scores": {game: scores_table["games"][game] for game in per_game},
-        "hns": {variant: aggregate_hns(values) for variant, values in hns_by_variant.items()},
-        "paper_median_hns_percent": PAPER_MEDIAN_HNS,
-    }
+    return AtariEvaluation(
+        games=per_game,
+        reference_scores={game: scores_table["games"][game] for game in per_game},
+        hns={variant: aggregate_hns(values) for variant, values in hns_by_variant.items()},
+    )

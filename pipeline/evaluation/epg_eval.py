@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ from ..config import EpgEvalConfig, InnerLoopConfig, LossNetConfig
 from ..devices import keep_freed_cpu_memory, resolve_device
 from ..epg.inner import LossSetting, run_lifetimes
 from ..epg.loss_net import initial_phi
-from ..epg.problem import derived_seed
 from ..io import torch_load
+from ..seeding import derived_seed
 from .stats import Interval, mean_ci
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,49 @@ def evaluation_lifetimes(tasks: list[dict], seeds: int) -> list[dict]:
     return [task for _ in range(seeds) for task in tasks]
 
 
-def curve_summary(curve: torch.Tensor, steps: list[int], points: int, confidence: float) -> list[dict]:
+@dataclass(frozen=True)
+class CurvePoint:
+    """The mean learning curve at one point of the lifetime, with its CI over lifetimes."""
+
+    env_steps: int
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method on one split: mean final return with its CI, lifetime counts, learning curve."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    lifetimes: int
+    finite_lifetimes: int
+    nonfinite_lifetimes: int
+    curve: list[CurvePoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EpgEvaluation:
+    """Every method's result per split (``splits[split][method]``), and what the lifetimes were."""
+
+    family: str
+    env_steps_per_lifetime: int
+    seeds: int
+    tasks_per_split: dict[str, int]
+    splits: dict[str, dict[str, MethodResult]]
+
+    def mean_return(self, split: str, method: str) -> float:
+        """The method's mean final return on the split; nan where it was not evaluated."""
+        result = self.splits.get(split, {}).get(method)
+        return result.mean if result is not None else math.nan
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def curve_summary(curve: torch.Tensor, steps: list[int], points: int, confidence: float) -> list[CurvePoint]:
     """Mean learning curve with CIs over lifetimes, thinned to about ``points`` points."""
     if curve.numel() == 0:
         return []
@@ -53,22 +96,57 @@ def curve_summary(curve: torch.Tensor, steps: list[int], points: int, confidence
     rows = []
     for index in range(stride - 1, len(steps), stride):
         interval = mean_ci(curve[index].reshape(-1).tolist(), confidence)
-        rows.append(
-            {"env_steps": steps[index], "mean": interval.mean, "low": interval.low, "high": interval.high}
-        )
+        rows.append(CurvePoint(steps[index], interval.mean, interval.low, interval.high))
     return rows
 
 
-def summarise(returns: torch.Tensor, nonfinite: torch.Tensor, confidence: float) -> dict:
+def summarise(
+    returns: torch.Tensor, nonfinite: torch.Tensor, confidence: float, curve: list[CurvePoint]
+) -> MethodResult:
     interval: Interval = mean_ci(returns.reshape(-1).tolist(), confidence)
-    return {
-        "mean": interval.mean,
-        "ci_low": interval.low,
-        "ci_high": interval.high,
-        "lifetimes": int(returns.numel()),
-        "finite_lifetimes": interval.n,
-        "nonfinite_lifetimes": int(nonfinite.sum()),
-    }
+    return MethodResult(
+        mean=interval.mean,
+        ci_low=interval.low,
+        ci_high=interval.high,
+        lifetimes=int(returns.numel()),
+        finite_lifetimes=interval.n,
+        nonfinite_lifetimes=int(nonfinite.sum()),
+        curve=curve,
+    )
+
+
+def _evaluate_split(
+    loss: dict,
+    inner: InnerLoopConfig,
+    loss_net: LossNetConfig,
+    config: EpgEvalConfig,
+    phis: dict[str, torch.Tensor],
+    split: str,
+    tasks: list[dict],
+    crn_seed: int,
+    device: torch.device,
+) -> dict[str, MethodResult]:
+    """Every method on one split's (task, seed) lifetimes, with the same random numbers: the loss
+    networks in one batched call, then PPO and PG."""
+    lifetimes = evaluation_lifetimes(tasks[: config.max_tasks_per_split], config.seeds)
+    settings = {}
+    if phis:
+        settings[tuple(phis)] = LossSetting("epg", phi=torch.stack(list(phis.values())))
+    for method in ("ppo", "pg"):
+        if method in config.methods:
+            settings[(method,)] = LossSetting(method, num_members=1)
+    results = {}
+    for names, setting in settings.items():
+        log.info("%s: training %d x %d lifetimes with %s", split, len(names), len(lifetimes), list(names))
+        result = run_lifetimes(loss["family"], lifetimes, inner, setting, loss_net, crn_seed, device)
+        for index, name in enumerate(names):
+            curve = curve_summary(
+                result.curve[:, index], result.curve_steps, config.curve_points, config.confidence
+            )
+            results[name] = summarise(
+                result.final_returns[index], result.nonfinite[index], config.confidence, curve
+            )
+    return results
 
 
 def evaluate_loss(
@@ -77,7 +155,7 @@ def evaluate_loss(
     config: EpgEvalConfig,
     seed: int,
     extra_losses: dict[str, torch.Tensor] | None = None,
-) -> dict:
+) -> EpgEvaluation:
     """Final returns (with CIs) and learning curves per split and method.
 
     ``extra_losses`` adds more loss networks of the same architecture (e.g. the registry champion) to
@@ -93,54 +171,26 @@ def evaluate_loss(
     if "random_loss" in config.methods:
         phis["random_loss"] = initial_phi(loss["input_dim"], loss_net, derived_seed(seed, "random_loss"))
     phis.update(extra_losses or {})
-    results: dict[str, dict] = {}
-    for split in config.splits:
-        tasks = splits[split][: config.max_tasks_per_split]
-        lifetimes = evaluation_lifetimes(tasks, config.seeds)
-        crn_seed = derived_seed(seed, "evaluate", split)
-        runs = {}
-        if phis:
-            names = list(phis)
-            log.info("%s: training %d x %d lifetimes with %s", split, len(names), len(lifetimes), names)
-            result = run_lifetimes(
-                loss["family"],
-                lifetimes,
-                inner,
-                LossSetting("epg", phi=torch.stack([phis[n] for n in names])),
-                loss_net,
-                crn_seed,
-                device,
-            )
-            for index, name in enumerate(names):
-                runs[name] = (result, index)
-        for method in ("ppo", "pg"):
-            if method in config.methods:
-                log.info("%s: training %d lifetimes with %s", split, len(lifetimes), method)
-                result = run_lifetimes(
-                    loss["family"],
-                    lifetimes,
-                    inner,
-                    LossSetting(method, num_members=1),
-                    loss_net,
-                    crn_seed,
-                    device,
-                )
-                runs[method] = (result, 0)
-        results[split] = {
-            name: {
-                **summarise(result.final_returns[index], result.nonfinite[index], config.confidence),
-                "curve": curve_summary(
-                    result.curve[:, index], result.curve_steps, config.curve_points, config.confidence
-                ),
-            }
-            for name, (result, index) in runs.items()
-        }
-    return {
-        "family": loss["family"],
-        "env_steps_per_lifetime": inner.lifetime_steps,
-        "seeds": config.seeds,
-        "tasks_per_split": {
+    results = {
+        split: _evaluate_split(
+            loss,
+            inner,
+            loss_net,
+            config,
+            phis,
+            split,
+            splits[split],
+            derived_seed(seed, "evaluate", split),
+            device,
+        )
+        for split in config.splits
+    }
+    return EpgEvaluation(
+        family=loss["family"],
+        env_steps_per_lifetime=inner.lifetime_steps,
+        seeds=config.seeds,
+        tasks_per_split={
             split: min(len(splits[split]), config.max_tasks_per_split) for split in config.splits
         },
-        "splits": results,
-    }
+        splits=results,
+    )

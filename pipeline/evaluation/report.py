@@ -6,14 +6,10 @@ import math
 
 import yaml
 
-METHOD_LABELS = {
-    "evolved": "evolved loss (EPG)",
-    "ppo": "PPO",
-    "pg": "vanilla PG (REINFORCE + baseline)",
-    "random_loss": "random loss network (floor)",
-    "champion": "registry champion loss",
-}
-VARIANT_LABELS = {"impala": "IMPALA {}", "lambda": "{λ}", "gamma": "{γ}", "gamma_lambda": "{γ, λ}"}
+from ..config import EPG_METHODS, METAGRAD_VARIANTS, variant_label
+
+METHOD_LABELS = {**EPG_METHODS, "champion": "registry champion loss"}
+VARIANT_LABELS = {variant: variant_label(variant) for variant in METAGRAD_VARIANTS}
 
 
 def _num(value, digits: int = 2) -> str:
@@ -46,26 +42,26 @@ def render_report(results: dict) -> str:
             "## Evolved loss on held-out and out-of-distribution tasks",
             "",
             f"Loss `{loss.get('reference', '–')}` (registry version {loss.get('version', '–')}, family "
-            f"`{epg['family']}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
+            f"`{epg.family}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
             f"{_num(loss.get('fitness'))} at generation {loss.get('generation', '–')}). Each method trains "
-            f"fresh policies for {epg['env_steps_per_lifetime']} env steps on every (task, seed) pair: "
-            f"{epg['seeds']} seeds × "
-            f"{', '.join(f'{n} {s}' for s, n in epg['tasks_per_split'].items())} tasks. "
+            f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair: "
+            f"{epg.seeds} seeds × "
+            f"{', '.join(f'{n} {s}' for s, n in epg.tasks_per_split.items())} tasks. "
             "Returns are the mean of the post-training episodes; intervals are 95 % Student-t CIs over "
             "lifetimes.",
             "",
         ]
         rows = []
-        for split, methods in epg["splits"].items():
+        for split, methods in epg.splits.items():
             for method, summary in methods.items():
                 rows.append(
                     [
                         split,
                         METHOD_LABELS.get(method, method),
-                        _num(summary["mean"]),
-                        f"[{_num(summary['ci_low'])}, {_num(summary['ci_high'])}]",
-                        str(summary["lifetimes"]),
-                        str(summary["nonfinite_lifetimes"]),
+                        _num(summary.mean),
+                        f"[{_num(summary.ci_low)}, {_num(summary.ci_high)}]",
+                        str(summary.lifetimes),
+                        str(summary.nonfinite_lifetimes),
                     ]
                 )
         lines += _table(["split", "method", "mean final return", "95 % CI", "lifetimes", "non-finite"], rows)
@@ -82,18 +78,18 @@ def render_report(results: dict) -> str:
             "",
         ]
         rows = []
-        for game, variants in atari["games"].items():
+        for game, variants in atari.games.items():
             for variant, row in variants.items():
                 rows.append(
                     [
                         game,
                         VARIANT_LABELS.get(variant, variant),
-                        f"{_num(row['mean_score'], 1)} [{_num(row['ci_low'], 1)}, {_num(row['ci_high'], 1)}]",
-                        f"{100 * row['hns']:.1f} %",
-                        _num(row["gamma"], 4),
-                        _num(row["lambda"], 3),
-                        f"{row['train_frames']:,}",
-                        str(len(row["scores"])),
+                        f"{_num(row.mean_score, 1)} [{_num(row.ci_low, 1)}, {_num(row.ci_high, 1)}]",
+                        f"{100 * row.hns:.1f} %",
+                        _num(row.gamma, 4),
+                        _num(row.lambda_, 3),
+                        f"{row.train_frames:,}",
+                        str(len(row.scores)),
                     ]
                 )
         lines += _table(
@@ -105,9 +101,9 @@ def render_report(results: dict) -> str:
             [
                 VARIANT_LABELS.get(variant, variant),
                 f"{100 * agg['median']:.1f} % over {agg['games']} game(s)",
-                f"{atari['paper_median_hns_percent'].get(variant, math.nan):.1f} %",
+                f"{atari.paper_median_hns_percent.get(variant, math.nan):.1f} %",
             ]
-            for variant, agg in atari["hns"].items()
+            for variant, agg in atari.hns.items()
         ]
         lines += _table(["variant", "ours (this run)", "paper: 57 games, 200M frames (reference only)"], rows)
         lines += [

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tracking
 from ..config import PipelineConfig, params_hash, section_dict
-from ..epg.evolve import load_tasks
+from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
 from ..plots import bar_plot, line_plot
 from .atari_eval import evaluate_agents
-from .epg_eval import evaluate_loss, load_loss
+from .epg_eval import EpgEvaluation, evaluate_loss, load_loss
 from .promotion import decide_promotion
 from .report import METHOD_LABELS, VARIANT_LABELS, render_report
 
 log = logging.getLogger(__name__)
+
+EPG_METRICS = ("mean", "ci_low", "ci_high", "lifetimes", "nonfinite_lifetimes")  # per split and method
+ATARI_METRICS = ("mean_score", "ci_low", "ci_high", "hns", "gamma", "lambda")  # per game and variant
 
 
 @dataclass(frozen=True)
@@ -143,18 +145,16 @@ def _compatible(a: dict, b: dict) -> bool:
     )
 
 
-def promote(run, epg: dict, version: str | None, champion, cfg, model_name: str, root: Path) -> dict:
+def promote(run, epg: EpgEvaluation, version: str | None, champion, cfg, model_name: str, root: Path) -> dict:
     """Tag the evaluated version with its returns; move the alias only if its held-out return is better."""
-    test = epg["splits"].get("test", {})
-    heldout = test.get("evolved", {}).get("mean", math.nan)
-    ood = epg["splits"].get("ood", {}).get("evolved", {}).get("mean", math.nan)
+    heldout, ood = epg.mean_return("test", "evolved"), epg.mean_return("ood", "evolved")
     if champion is None or champion[0] == version:
         champion_return = None
         champion_version = champion[0] if champion else None
     else:
         champion_version = champion[0]
-        if "champion" in test:  # evaluated on the very same lifetimes
-            champion_return = test["champion"]["mean"]
+        if "champion" in epg.splits.get("test", {}):  # evaluated on the very same lifetimes
+            champion_return = epg.mean_return("test", "champion")
         else:  # another family or architecture: fall back to the return it was tagged with
             tagged = next(
                 (
@@ -207,35 +207,29 @@ def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
     """CSV series for DVC plots and PNGs for the report (offline: no CDN needed)."""
     figures: dict[str, Path] = {}
     plots, reports = paths.plots_dir / "evaluate", paths.reports_dir
-    for split, methods in results["epg"]["splits"].items():
-        steps = [row["env_steps"] for row in next(iter(methods.values()))["curve"]]
+    epg: EpgEvaluation = results["epg"]
+    for split, methods in epg.splits.items():
+        steps = [point.env_steps for point in next(iter(methods.values())).curve]
         rows = [{"env_steps": s} for s in steps]
         for method, summary in methods.items():
-            for row, point in zip(rows, summary["curve"], strict=True):
+            for row, point in zip(rows, summary.curve, strict=True):
                 row.update(
-                    {
-                        f"{method}_mean": point["mean"],
-                        f"{method}_low": point["low"],
-                        f"{method}_high": point["high"],
-                    }
+                    {f"{method}_mean": point.mean, f"{method}_low": point.low, f"{method}_high": point.high}
                 )
         write_csv(plots / f"curves_{split}.csv", rows)
         figures[f"Learning curves, {split} tasks"] = line_plot(
             reports / f"curves_{split}.png",
             {
-                METHOD_LABELS.get(m, m): (
-                    [p["env_steps"] for p in s["curve"]],
-                    [p["mean"] for p in s["curve"]],
-                )
+                METHOD_LABELS.get(m, m): ([p.env_steps for p in s.curve], [p.mean for p in s.curve])
                 for m, s in methods.items()
             },
             bands={
-                METHOD_LABELS.get(m, m): ([p["low"] for p in s["curve"]], [p["high"] for p in s["curve"]])
+                METHOD_LABELS.get(m, m): ([p.low for p in s.curve], [p.high for p in s.curve])
                 for m, s in methods.items()
             },
             xlabel="env steps in the lifetime",
             ylabel="episode return",
-            title=f"{results['epg']['family']}: training fresh policies ({split} tasks)",
+            title=f"{epg.family}: training fresh policies ({split} tasks)",
         )
     fitness_csv = paths.plots_dir / "evolve/fitness.csv"
     if fitness_csv.exists():
@@ -254,21 +248,21 @@ def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
     atari = results.get("atari")
     if atari:
         hns_rows = [
-            {"game": game, "variant": variant, "mean_score": row["mean_score"], "hns": row["hns"]}
-            for game, variants in atari["games"].items()
+            {"game": game, "variant": variant, "mean_score": row.mean_score, "hns": row.hns}
+            for game, variants in atari.games.items()
             for variant, row in variants.items()
         ]
         write_csv(plots / "hns.csv", hns_rows)
         figures["Human-normalised score per game and variant"] = bar_plot(
             reports / "hns.png",
             {
-                game: {VARIANT_LABELS.get(v, v): 100 * row["hns"] for v, row in variants.items()}
-                for game, variants in atari["games"].items()
+                game: {VARIANT_LABELS.get(v, v): 100 * row.hns for v, row in variants.items()}
+                for game, variants in atari.games.items()
             },
             ylabel="human-normalised score (%)",
             title="No-op-start evaluation",
         )
-        for game in atari["games"]:
+        for game in atari.games:
             for name in ("gamma", "lambda"):
                 series = {}
                 for csv_path in sorted((paths.plots_dir / "metagrad").glob(f"eta_{game}_*.csv")):
@@ -292,22 +286,22 @@ def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
 def summary_metrics(results: dict, run_id: str) -> dict:
     """The DVC metrics: final returns with CIs, per-game scores and HNS, median HNS, promotion."""
     metrics: dict = {"epg": {}}
-    for split, methods in results["epg"]["splits"].items():
+    for split, methods in results["epg"].splits.items():
         metrics["epg"][split] = {
-            method: {k: summary[k] for k in ("mean", "ci_low", "ci_high", "lifetimes", "nonfinite_lifetimes")}
+            method: {
+                k: getattr(summary, k)
+                for k in ("mean", "ci_low", "ci_high", "lifetimes", "nonfinite_lifetimes")
+            }
             for method, summary in methods.items()
         }
     atari = results.get("atari")
     if atari:
         metrics["atari"] = {
-            game: {
-                variant: {k: row[k] for k in ("mean_score", "ci_low", "ci_high", "hns", "gamma", "lambda")}
-                for variant, row in variants.items()
-            }
-            for game, variants in atari["games"].items()
+            game: {variant: {k: row.to_dict()[k] for k in ATARI_METRICS} for variant, row in variants.items()}
+            for game, variants in atari.games.items()
         }
-        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari["hns"].items()}
-        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari["hns"].items()}
+        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari.hns.items()}
+        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari.hns.items()}
     metrics["promotion"] = {k: v for k, v in results["promotion"].items()}
     metrics["mlflow_run_id"] = run_id
     return metrics

@@ -18,9 +18,10 @@ class Interval(NamedTuple):
 
 
 def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Interval:
-    """Mean and Student-t confidence interval, mean +- t_{n-1,(1+c)/2} * s / sqrt(n), over finite values.
+    """Mean and Student-t confidence interval, mean +- t_{n-1,(1+c)/2} * s / sqrt(n), over finite values
+    (``scipy.stats.t.interval`` with the standard error of the mean, s the n - 1 standard deviation).
 
-    With one value the interval is the point itself; with none everything is nan.
+    With one value, or equal values, the interval is the point itself; with none everything is nan.
     """
     finite = [float(v) for v in values if math.isfinite(float(v))]
     n = len(finite)
@@ -29,9 +30,11 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Interval:
     mean = sum(finite) / n
     if n == 1:
         return Interval(mean, mean, mean, 1)
-    variance = sum((v - mean) ** 2 for v in finite) / (n - 1)
-    half = stats.t.ppf((1.0 + confidence) / 2.0, n - 1) * math.sqrt(variance / n)
-    return Interval(mean, mean - half, mean + half, n)
+    sem = float(stats.sem(finite))
+    if sem == 0.0:  # equal values: scipy rejects a zero scale, the interval is the point itself
+        return Interval(mean, mean, mean, n)
+    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
+    return Interval(mean, float(low), float(high), n)
 
 
 def human_normalized(score: float, random: float, human: float) -> float:

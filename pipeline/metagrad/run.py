@@ -12,6 +12,7 @@ from ..devices import resolve_device
 from ..io import torch_load, write_csv, write_json
 from ..plots import line_plot, smooth
 from ..prepare import atari_score_table
+from ..seeding import variant_seed
 from ..stage import resumable_stage_run
 from .train import (
     History,
@@ -19,7 +20,6 @@ from .train import (
     export_model,
     limit_cpu_threads_for,
     train_variant,
-    variant_seed,
 )
 
 log = logging.getLogger(__name__)

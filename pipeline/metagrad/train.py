@@ -44,11 +44,6 @@ def limit_cpu_threads_for(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def variant_seed(seed: int, game: str) -> int:
-    """Same seed for every variant of a game: the variants differ only in what is meta-learned."""
-    return (seed * 1_000_003 + sum(ord(c) * 31**i for i, c in enumerate(game))) % 2**31
-
-
 class Actor:
     """Unrolls the current policy in a vector env and records a time-major rollout."""
 
