@@ -332,6 +332,25 @@ def test_inner_step_is_one_tf_rmsprop_step_on_the_clipped_impala_gradient():
         torch.testing.assert_close(p.detach(), expected.detach(), rtol=0, atol=1e-13)
 
 
+def test_reusing_the_torso_pass_for_the_tangent_changes_nothing():
+    """jvp mode takes the tangent pass from the torso activations of the inner step's forward pass;
+    with torch.func.jvp recomputing them instead, five updates (float32, as trained) end the same."""
+    config = metagrad_config(grad_clip=0.5, meta=MetaConfig(init_gamma=0.9, init_lambda=0.8))
+    runs = []
+    for reuse in (True, False):
+        learner = make_learner(config, "gamma_lambda")
+        assert learner.reuse_torso_pass  # the Nature torso is a chain
+        learner.reuse_torso_pass = reuse
+        stats = [learner.update(synthetic_rollout(seed)) for seed in range(5)]
+        runs.append((snapshot(learner.net), learner.eta_logits.detach().clone(), stats))
+    (params, logits, stats), (params_jvp, logits_jvp, stats_jvp) = runs
+    # Bit for bit: the tangent pass runs the same convolutions and products as torch.func.jvp.
+    assert stats == stats_jvp
+    assert torch.equal(logits, logits_jvp)
+    for name, p in params.items():
+        assert torch.equal(p, params_jvp[name]), name
+
+
 # --------------------------------------------------------------------------------------------- variants
 @pytest.mark.parametrize(
     ("variant", "learned"), [("impala", ()), ("gamma", ("gamma",)), ("lambda", ("lambda",))]

@@ -48,15 +48,18 @@ Two ways to get dJ/deta (``grad_mode``):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn import functional as F
 
 from ..config import METAGRAD_VARIANTS, MetagradConfig
-from ..nets.atari import AtariActorCritic
+from ..nets.atari import AtariActorCritic, NatureTorso
 from ..rl.losses import impala_loss
 from ..rl.returns import vtrace
 from .optim import TFRMSprop
@@ -93,18 +96,104 @@ def policy_outputs(
 
     ``features``: torso features of the rollout already computed with the module's own parameters.
     """
-    steps, batch = rollout.obs.shape[:2]
     if features is not None:
         logits, values = net.heads(features, eta_input)
     elif params is None:
         logits, values = net(flat_observations(rollout), eta_input)
     else:
         logits, values = functional_call(net, params, (flat_observations(rollout), eta_input))
+    return outputs_from_heads(logits, values, rollout)
+
+
+def outputs_from_heads(logits: torch.Tensor, values: torch.Tensor, rollout: Rollout) -> PolicyOutputs:
+    steps, batch = rollout.obs.shape[:2]
     logits = logits.reshape(steps, batch, -1)[:-1]
     log_softmax = F.log_softmax(logits, dim=-1)
     log_probs = log_softmax.gather(-1, rollout.actions.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_softmax.exp() * log_softmax).sum(-1)
     return PolicyOutputs(log_probs, entropy, values.reshape(steps, batch))
+
+
+class Heads(nn.Module):
+    """The network's heads as a module of their own, so that torch.func can call them with other
+    parameters (``functional_call`` runs a module's forward, and the network's forward includes the torso)."""
+
+    def __init__(self, net: AtariActorCritic):
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor, eta_input: torch.Tensor):
+        return self.net.heads(features, eta_input)
+
+
+class TorsoTrace(NamedTuple):
+    """What a torso's forward pass leaves for a later tangent pass at the same parameters and frames."""
+
+    layer_inputs: list[torch.Tensor]  # the input of each Conv2d / Linear layer, in call order
+    features: torch.Tensor
+
+
+CHAIN_TORSOS = (NatureTorso,)  # conv/linear layers in a chain, a ReLU after each (chain_torso_tangent)
+
+
+def layers_of(torso: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in torso.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+@contextmanager
+def recorded_layer_inputs(torso: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects the (detached) input of every Conv2d / Linear layer of ``torso`` run inside the block."""
+    inputs: list[torch.Tensor] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda _layer, args: inputs.append(args[0].detach()))
+        for _, layer in layers_of(torso)
+    ]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def torso_entries(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The torso's entries of a dict keyed by the network's parameter names, keyed as in the torso."""
+    return {name.removeprefix("torso."): t for name, t in named.items() if name.startswith("torso.")}
+
+
+def affine(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``layer``'s map with other weights: conv2d or linear."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if layer.padding_mode != "zeros":
+        raise ValueError(f"chain_torso_tangent supports zero padding only, not {layer.padding_mode!r}")
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def chain_torso_tangent(
+    torso: nn.Module, params: dict[str, torch.Tensor], trace: TorsoTrace, tangents: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Forward-mode derivative of a chain torso's features at ``params`` along ``tangents`` (both keyed
+    as in the torso), from the activations its forward pass at ``params`` recorded: for each layer
+    y = relu(W x + b),
+
+        y_dot = 1[y > 0] (.) (W x_dot + W_dot x + b_dot),   x_dot = 0 for the frames,
+
+    with y the next layer's recorded input (the features after the last layer). The same products as
+    torch.func.jvp, without recomputing the forward pass the jvp would run alongside.
+    """
+    layers = layers_of(torso)
+    if len(layers) != len(trace.layer_inputs):
+        raise ValueError(f"trace holds {len(trace.layer_inputs)} layer inputs, the torso has {len(layers)}")
+    outputs = [*trace.layer_inputs[1:], trace.features]
+    tangent = None
+    for (name, layer), x, y in zip(layers, trace.layer_inputs, outputs, strict=True):
+        out = affine(layer, x, tangents[f"{name}.weight"], tangents[f"{name}.bias"])
+        if tangent is not None:
+            if isinstance(layer, nn.Linear):
+                tangent = tangent.flatten(1)
+            out = out + affine(layer, tangent, params[f"{name}.weight"], None)
+        tangent = out * (y.reshape(out.shape) > 0)
+    return tangent
 
 
 def vtrace_targets(rollout: Rollout, outputs: PolicyOutputs, gamma, lambda_, clip_rho: float, clip_c: float):
@@ -188,6 +277,10 @@ class MetaGradientLearner:
         )
         self.eta_bar = torch.tensor([meta.gamma_bar, meta.lambda_bar], device=self.device)
         self._pending: dict | None = None  # what the next meta step needs from the last inner step
+        # jvp mode: the tangent pass reuses the torso activations of the inner step's forward pass
+        # (chain torsos only; torch.func.jvp recomputes them otherwise). Same result, less work.
+        self.reuse_torso_pass = isinstance(self.net.torso, CHAIN_TORSOS)
+        self._heads = Heads(self.net)
 
     # ------------------------------------------------------------------ eta
     def eta(self) -> torch.Tensor:
@@ -204,14 +297,20 @@ class MetaGradientLearner:
         """One learner step: the meta step for the previous update (evaluated on this rollout), then
         the ordinary update on this rollout."""
         stats: dict[str, float] = {}
-        features = None
-        if self.learned and self._pending is not None:
-            if self.config.meta.grad_mode == "jvp":
-                # J(tau', theta', eta_bar) and L(tau', theta', eta) differ only in the heads' eta input:
-                # one torso pass serves both gradients.
+        features, trace = None, None
+        if self.learned and self.config.meta.grad_mode == "jvp":
+            # J(tau', theta', eta_bar) and L(tau', theta', eta) differ only in the heads' eta input:
+            # one torso pass serves both gradients, and its activations the next meta step's tangent
+            # pass (same parameters theta', same frames tau').
+            with recorded_layer_inputs(self.net.torso) as layer_inputs:
                 features = self.net.features(flat_observations(rollout))
+            if self.reuse_torso_pass:
+                trace = TorsoTrace(layer_inputs, features.detach())
+        if self.learned and self._pending is not None:
             stats.update(self.meta_step(rollout, features))
         stats.update(self.inner_step(rollout, features))
+        if trace is not None:
+            self._pending["torso_trace"] = trace
         return stats
 
     def inner_step(self, rollout: Rollout, features: torch.Tensor | None = None) -> dict[str, float]:
@@ -313,23 +412,46 @@ class MetaGradientLearner:
             name: pending["step_jacobian"][name] * u_i for name, u_i in zip(params, u, strict=True)
         }
         tangents = clip_vjp(through_step, pending["grads"], pending["grad_norm"], self.config.grad_clip)
-        rollout = pending["rollout"]
-
-        def log_probs_and_values(theta):
-            outputs = policy_outputs(self.net, theta, rollout, pending["eta_input"])
-            return outputs.log_probs, outputs.values
-
-        (log_probs, values), (w, z) = jvp(log_probs_and_values, (pending["old_params"],), (tangents,))
+        log_probs, values, w, z = self.directional_derivatives(pending, tangents)
         old_outputs = PolicyOutputs(log_probs, torch.zeros_like(log_probs), values)
         eta = self.eta()
         targets = vtrace_targets(
-            rollout, old_outputs, eta[0], eta[1], self.config.clip_rho, self.config.clip_c
+            pending["rollout"], old_outputs, eta[0], eta[1], self.config.clip_rho, self.config.clip_c
         )
         surrogate = (targets.pg_advantages * w.detach()).sum() + self.config.baseline_cost * (
             targets.vs * z[:-1].detach()
         ).sum()
         (grad,) = torch.autograd.grad(surrogate, [self.eta_logits])
         return grad
+
+    def directional_derivatives(self, pending: dict, tangents: dict):
+        """log pi(a_t|s_t), V(s_t) of the last inner step's rollout and parameters, and their derivatives
+        w, z along ``tangents``; from its torso activations where they were kept, else by jvp."""
+        rollout, eta_input = pending["rollout"], pending["eta_input"]
+        trace = pending.get("torso_trace")
+        if trace is None:
+
+            def log_probs_and_values(theta):
+                outputs = policy_outputs(self.net, theta, rollout, eta_input)
+                return outputs.log_probs, outputs.values
+
+            (log_probs, values), (w, z) = jvp(log_probs_and_values, (pending["old_params"],), (tangents,))
+            return log_probs, values, w, z
+        features_tangent = chain_torso_tangent(
+            self.net.torso, torso_entries(pending["old_params"]), trace, torso_entries(tangents)
+        )
+        heads_params = {f"net.{name}": p for name, p in pending["old_params"].items()}
+        heads_tangents = {f"net.{name}": t for name, t in tangents.items()}
+
+        def log_probs_and_values_from(features, params):
+            logits, values = functional_call(self._heads, params, (features, eta_input))
+            outputs = outputs_from_heads(logits, values, rollout)
+            return outputs.log_probs, outputs.values
+
+        (log_probs, values), (w, z) = jvp(
+            log_probs_and_values_from, (trace.features, heads_params), (features_tangent, heads_tangents)
+        )
+        return log_probs, values, w, z
 
     def meta_step(self, next_rollout: Rollout, features: torch.Tensor | None = None) -> dict[str, float]:
         grad = self.meta_gradient(next_rollout, features)
