@@ -183,6 +183,24 @@ def switch_off_eta_input(net: AtariActorCritic) -> None:
         net.eta_embedding.bias.fill_(-1.0)
 
 
+def frozen_target_objective(learner: MetaGradientLearner, objective: str, theta_new: dict, rollout: Rollout):
+    """J(rollout, theta', eta_bar) with its targets frozen at ``theta_new`` (the meta-gradient treats
+    them as constants: "targets carry no gradient")."""
+    gamma_bar, lambda_bar = learner.eta_bar
+    with torch.no_grad():
+        log_probs_0, _, values_0 = unroll_outputs(learner.net, theta_new, rollout, learner.eta_bar)
+        frozen = vtrace_of(rollout, log_probs_0, values_0, gamma_bar, lambda_bar, learner.config)
+
+    def meta_objective(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            log_probs, _, values = unroll_outputs(learner.net, params, rollout, learner.eta_bar)
+        if objective == "policy_gradient":
+            return -(frozen.pg_advantages * log_probs).sum()
+        return 0.5 * ((frozen.vs - values[:-1]) ** 2).sum()
+
+    return meta_objective
+
+
 @dataclass(frozen=True)
 class MetaGradientCase:
     learner_grad: torch.Tensor  # dJ/d(eta logits) the learner applied in its meta step
@@ -243,20 +261,7 @@ def meta_gradient_case(
     replayed = theta_prime(torch.zeros(2, dtype=F64))
     replay_error = max((replayed[n] - theta_new[n]).abs().max().item() for n in theta_new)
 
-    # J(tau_2, theta', eta_bar) with its targets frozen at the learner's theta' (the meta-gradient
-    # treats them as constants: "targets carry no gradient").
-    gamma_bar, lambda_bar = learner.eta_bar
-    with torch.no_grad():
-        log_probs_0, _, values_0 = unroll_outputs(learner.net, theta_new, tau_2, learner.eta_bar)
-        frozen = vtrace_of(tau_2, log_probs_0, values_0, gamma_bar, lambda_bar, config)
-
-    def meta_objective(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            log_probs, _, values = unroll_outputs(learner.net, params, tau_2, learner.eta_bar)
-        if objective == "policy_gradient":
-            return -(frozen.pg_advantages * log_probs).sum()
-        return 0.5 * ((frozen.vs - values[:-1]) ** 2).sum()
-
+    meta_objective = frozen_target_objective(learner, objective, theta_new, tau_2)
     finite_difference = torch.zeros(2, dtype=F64)
     for i in range(2):
         shift = torch.zeros(2, dtype=F64)

@@ -325,18 +325,7 @@ class MetaGradientLearner:
             {name: p.detach().clone().requires_grad_() for name, p in params.items()} if keep_graph else None
         )
         outputs = policy_outputs(self.net, theta, rollout, eta_input, features)
-        targets = vtrace_targets(rollout, outputs, eta[0], eta[1], config.clip_rho, config.clip_c)
-        if not keep_graph:
-            targets = type(targets)(*(t.detach() for t in targets))
-        loss = impala_loss(
-            outputs.log_probs,
-            outputs.entropy,
-            outputs.values[:-1],
-            targets.vs,
-            targets.pg_advantages,
-            config.baseline_cost,
-            config.entropy_cost,
-        )
+        loss = self.inner_loss(rollout, outputs, eta, keep_target_graph=keep_graph)
         differentiated = list(theta.values()) if theta is not None else list(params.values())
         grads = torch.autograd.grad(loss.total, differentiated, create_graph=keep_graph)
         old_params = {name: p.detach().clone() for name, p in params.items()} if self.learned else None
@@ -378,6 +367,25 @@ class MetaGradientLearner:
             "gamma": eta_input[0].item(),
             "lambda": eta_input[1].item(),
         }
+
+    def inner_loss(
+        self, rollout: Rollout, outputs: PolicyOutputs, eta: torch.Tensor, keep_target_graph: bool
+    ):
+        """L(tau, theta, eta) with V-trace targets at ``eta``; they keep their graph only for the naive
+        meta-gradient (the jvp mode differentiates the targets separately)."""
+        config = self.config
+        targets = vtrace_targets(rollout, outputs, eta[0], eta[1], config.clip_rho, config.clip_c)
+        if not keep_target_graph:
+            targets = type(targets)(*(t.detach() for t in targets))
+        return impala_loss(
+            outputs.log_probs,
+            outputs.entropy,
+            outputs.values[:-1],
+            targets.vs,
+            targets.pg_advantages,
+            config.baseline_cost,
+            config.entropy_cost,
+        )
 
     def meta_objective(self, params: dict | None, rollout: Rollout, features=None) -> torch.Tensor:
         """J(tau', theta', eta_bar): fixed gamma_bar, lambda_bar; targets carry no gradient."""
