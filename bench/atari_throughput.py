@@ -6,7 +6,7 @@
 env observations); (c) learner-only frames/s (updates on stored rollouts, the {} baseline); then the
 end-to-end frames/s of the {} learner and of the {gamma, lambda} learner. The serial limit is
 1 / (1/a + 1/b + 1/c): the speed of doing the three in turn with nothing wasted. Targets: {} end to end
->= 0.8 of that limit; {gamma, lambda} >= 0.5 of {} end to end.
+>= 0.8 of that limit; {gamma, lambda} >= 0.6 of {} end to end.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
                 "gamma_lambda_end_to_end_frames_per_s": round(meta_e2e),
                 "impala_over_serial_limit": round(baseline_e2e / serial_limit, 3),
                 "gamma_lambda_over_impala": round(meta_e2e / baseline_e2e, 3),
-                "targets": {"impala_over_serial_limit": 0.8, "gamma_lambda_over_impala": 0.5},
+                "targets": {"impala_over_serial_limit": 0.8, "gamma_lambda_over_impala": 0.6},
             },
             indent=2,
         )

@@ -132,13 +132,16 @@ def reference_vtrace(
                 total += trace_product * rho_t * td_error
             vs[s][b] = total
 
+    # The advantage bootstraps on lambda * v_{t+1} + (1 - lambda) * V(x_{t+1}) (rlax's
+    # vtrace_td_error_and_advantage); at the last step both are V(x_T).
     pg_clip = clip_rho if clip_pg_rho is None else clip_pg_rho
     pg_advantages = [[0.0] * batch_size for _ in range(time_steps)]
     for b in range(batch_size):
         for t in range(time_steps):
             next_vs = vs[t + 1][b] if t + 1 < time_steps else bootstrap_value[b]
+            mixed = lambdas[t][b] * next_vs + (1.0 - lambdas[t][b]) * value_at(t + 1, b)
             pg_rho = clip(math.exp(log_rhos[t][b]), pg_clip)
-            pg_advantages[t][b] = pg_rho * (rewards[t][b] + discounts[t][b] * next_vs - values[t][b])
+            pg_advantages[t][b] = pg_rho * (rewards[t][b] + discounts[t][b] * mixed - values[t][b])
     return vs, pg_advantages
 
 
@@ -236,11 +239,22 @@ def test_on_policy_vtrace_equals_lambda_returns(shape, seed, lambda_kind, clip):
     )
 
     torch.testing.assert_close(result.vs, returns)
-    # On-policy the advantage is the one-step target built on the next V-trace target.
-    next_returns = torch.cat([returns[1:], traj["bootstrap_value"][None]])
-    torch.testing.assert_close(
-        result.pg_advantages, traj["rewards"] + traj["discounts"] * next_returns - traj["values"]
+    # On-policy the advantage is the lambda-return minus the baseline: g_eta - v in the paper's update.
+    torch.testing.assert_close(result.pg_advantages, returns - traj["values"])
+
+
+def test_on_policy_advantage_is_lambda_return_minus_value_at_lambda_0_8():
+    """IMPALA's r + gamma * v_{s+1} - V would be off here: it bootstraps as if lambda were 1."""
+    traj = make_trajectory(6, 3, seed=7)
+    rewards, discounts, values, bootstrap = (
+        traj[key] for key in ("rewards", "discounts", "values", "bootstrap_value")
     )
+    result = vtrace(torch.zeros(6, 3, dtype=DTYPE), discounts, rewards, values, bootstrap, lambda_=0.8)
+    returns = lambda_returns(rewards, discounts, values, bootstrap, lambda_=0.8)
+    torch.testing.assert_close(result.pg_advantages, returns - values, rtol=1e-12, atol=1e-12)
+    next_vs = torch.cat([result.vs[1:], bootstrap[None]])
+    lambda_one_advantage = rewards + discounts * next_vs - values
+    assert not torch.allclose(result.pg_advantages, lambda_one_advantage)
 
 
 @FAST

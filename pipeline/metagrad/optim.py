@@ -25,10 +25,37 @@ class TFRMSprop(torch.optim.Optimizer):
             params, {"lr": lr, "alpha": alpha, "eps": eps, "initial_accumulator": initial_accumulator}
         )
 
+    def _group(self, param: torch.Tensor) -> dict:
+        return next(g for g in self.param_groups if any(p is param for p in g["params"]))
+
     def preconditioner(self, param: torch.Tensor) -> torch.Tensor:
         """1 / sqrt(v + eps) for ``param`` as of the last step (what multiplies lr * g)."""
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        return torch.rsqrt(self.state[param]["square_avg"] + group["eps"])
+        return torch.rsqrt(self.state[param]["square_avg"] + self._group(param)["eps"])
+
+    def step_jacobian(self, param: torch.Tensor) -> torch.Tensor:
+        """d(g / sqrt(v + eps))/dg of the last step, elementwise (the step is elementwise), with v the
+        accumulator after the step (which took in (1 - alpha) g^2) and P = 1 / sqrt(v + eps):
+
+            d(g P)/dg = P - g * (1 - alpha) * g * P^3 = P * (1 - (1 - alpha) g^2 P^2)
+
+        ``param.grad`` must still hold the gradient of that step.
+        """
+        preconditioner = self.preconditioner(param)
+        decay = 1.0 - self._group(param)["alpha"]
+        return preconditioner * (1.0 - decay * (param.grad * preconditioner) ** 2)
+
+    def stepped(self, param: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """What the next step would make of ``param`` if it stood at ``value`` and got ``grad``, out of
+        place and differentiable in ``value`` and ``grad`` (the optimizer's state is not touched)."""
+        group = self._group(param)
+        state = self.state[param]
+        square_avg = (
+            state["square_avg"].detach().clone()
+            if state
+            else torch.full_like(value, group["initial_accumulator"])
+        )
+        square_avg = group["alpha"] * square_avg + (1 - group["alpha"]) * grad**2
+        return value - group["lr"] * grad / torch.sqrt(square_avg + group["eps"])
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,21 +1,32 @@
-"""Time-major policy-gradient surrogates: clipped PPO, REINFORCE, and the value regression beside them.
+"""Time-major RL losses as pure functions (rlax style, ``[T, B]`` tensors): clipped PPO, REINFORCE and the
+value regression of the EPG inner loop, and IMPALA's actor-critic loss of the meta-gradient learner.
 
-Pure functions in the style of rlax: per-step inputs are ``[T, B]`` (time, batch), and every loss is
-the mean over the T steps of each column, returned as ``[B]`` so that independent learners stacked
-along B (the EPG inner loop's P x W lifetimes) each get their own loss; ``loss.sum().backward()`` then
-gives each column its own gradient.
+PPO / REINFORCE / value: every loss is the mean over the T steps of each column, returned as ``[B]`` so that
+independent learners stacked along B (the EPG inner loop's P x W lifetimes) each get their own loss;
+``loss.sum().backward()`` then gives each column its own gradient. Advantages and the behaviour
+log-probabilities are constants of these surrogates (detached here, whatever the caller passes); gradients
+flow into ``log_probs`` and ``values`` only.
 
-Gradients: advantages and the behaviour log-probabilities are constants of the surrogate (they are
-detached here, whatever the caller passes); gradients flow into ``log_probs`` and ``values`` only.
+IMPALA: returns its terms separately so a learner can log them; nothing is detached there: the caller
+decides where gradients stop by what it passes in (e.g. V-trace targets computed without gradient).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .returns import _check_shape, _time_batch_shape
 
-__all__ = ["normalize_advantages", "ppo_clipped_surrogate", "reinforce_surrogate", "value_loss"]
+__all__ = [
+    "ImpalaLossTerms",
+    "impala_loss",
+    "normalize_advantages",
+    "ppo_clipped_surrogate",
+    "reinforce_surrogate",
+    "value_loss",
+]
 
 
 def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -72,3 +83,54 @@ def value_loss(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     time_steps, batch = _time_batch_shape("values", values)
     _check_shape("targets", targets, (time_steps, batch), "[T, B]")
     return 0.5 * ((values - targets.detach()) ** 2).mean(0)
+
+
+class ImpalaLossTerms(NamedTuple):
+    total: torch.Tensor  # policy + baseline_cost * baseline + entropy_cost * entropy
+    policy: torch.Tensor
+    baseline: torch.Tensor
+    entropy: torch.Tensor  # minus the summed entropy: minimising it raises the entropy
+
+
+def impala_loss(
+    log_probs: torch.Tensor,
+    entropy: torch.Tensor,
+    values: torch.Tensor,
+    vs: torch.Tensor,
+    pg_advantages: torch.Tensor,
+    baseline_cost: float,
+    entropy_cost: float,
+) -> ImpalaLossTerms:
+    """IMPALA's loss (Espeholt et al. 2018), summed over time and batch as in torchbeast::
+
+        policy   = -sum_{t,b} A_{t,b} log pi(a_{t,b} | x_{t,b})
+        baseline = 0.5 * sum_{t,b} (v_s_{t,b} - V(x_{t,b}))^2
+        entropy  = -sum_{t,b} H(pi(. | x_{t,b}))
+        total    = policy + baseline_cost * baseline + entropy_cost * entropy
+
+    Args:
+        log_probs: ``[T, B]`` log-probabilities of the taken actions under the learner's policy.
+        entropy: ``[T, B]`` entropies of the learner's policy.
+        values: ``[T, B]`` baseline ``V(x_t)`` (without the bootstrap value).
+        vs: ``[T, B]`` value targets (V-trace ``v_s``); gradients flow into them if they carry any.
+        pg_advantages: ``[T, B]`` policy-gradient advantages ``A``; likewise.
+        baseline_cost, entropy_cost: weights of the baseline and entropy terms.
+    """
+    if log_probs.dim() != 2:
+        raise ValueError(f"log_probs must be time-major [T, B], got shape {tuple(log_probs.shape)}")
+    for name, tensor in (
+        ("entropy", entropy),
+        ("values", values),
+        ("vs", vs),
+        ("pg_advantages", pg_advantages),
+    ):
+        if tensor.shape != log_probs.shape:
+            raise ValueError(
+                f"{name} must have the shape of log_probs [T, B] = {tuple(log_probs.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+    policy = -(pg_advantages * log_probs).sum()
+    baseline = 0.5 * ((vs - values) ** 2).sum()
+    negative_entropy = -entropy.sum()
+    total = policy + baseline_cost * baseline + entropy_cost * negative_entropy
+    return ImpalaLossTerms(total, policy, baseline, negative_entropy)

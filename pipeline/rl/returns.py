@@ -166,11 +166,16 @@ def vtrace(
         delta_t = rho_t * (r_t + d_t * V(x_{t+1}) - V(x_t))
         v_s - V(x_s) = delta_s + d_s * c_s * (v_{s+1} - V(x_{s+1})),   with v_T - V(x_T) = 0
 
-    which unrolls to ``v_s = V(x_s) + sum_{t >= s} (prod_{s <= i < t} d_i c_i) delta_t``, and::
+    which unrolls to ``v_s = V(x_s) + sum_{t >= s} (prod_{s <= i < t} d_i c_i) delta_t``, and, as rlax's
+    ``vtrace_td_error_and_advantage``::
 
-        pg_advantages_t = min(clip_pg_rho, exp(log_rhos_t)) * (r_t + d_t * v_{t+1} - V(x_t)),  v_T = V(x_T)
+        q_t             = r_t + d_t * (lambda_t * v_{t+1} + (1 - lambda_t) * V(x_{t+1})),   v_T = V(x_T)
+        pg_advantages_t = min(clip_pg_rho, exp(log_rhos_t)) * (q_t - V(x_t))
 
-    On-policy (``log_rhos = 0``, clips >= 1) ``vs`` equals :func:`lambda_returns` with the same lambda.
+    The bootstrap mixes the next V-trace target with the next value by the same lambda as the traces, so
+    on-policy (``log_rhos = 0``, clips >= 1) ``vs`` equals :func:`lambda_returns` with the same lambda and
+    ``pg_advantages = lambda_returns - values`` (IMPALA's ``r_t + d_t * v_{t+1} - V(x_t)`` is the
+    ``lambda = 1`` case).
 
     Args:
         log_rhos: ``[T, B]`` log importance ratios ``log pi(a_t|x_t) - log mu(a_t|x_t)``.  Always treated
@@ -220,5 +225,6 @@ def vtrace(
     vs = values + torch.stack(corrections_reversed[::-1], dim=0)
 
     next_vs = _next_step_values(vs, bootstrap_value)
-    pg_advantages = clipped_pg_rhos * (rewards + discounts * next_vs - values)
+    bootstrap = lambdas * next_vs + (1.0 - lambdas) * next_values
+    pg_advantages = clipped_pg_rhos * (rewards + discounts * bootstrap - values)
     return VTraceReturns(vs=vs, pg_advantages=pg_advantages)
