@@ -21,8 +21,9 @@ from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import make_env
 from ..io import read_json, torch_load, torch_save, write_csv, write_json
 from ..plots import line_plot
+from ..registry import register_loss
 from ..stage import resumable_stage_run
-from ..tracking import git_state, register_loss
+from ..tracking import git_state
 from .inner import loss_net_input_dim, policy_spec
 from .loss_net import initial_phi
 from .problem import EPGProblem, OpenAIES, derived_seed, learning_rate, ppo_weight
