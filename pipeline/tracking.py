@@ -175,7 +175,7 @@ def call(fn: Callable, *args, budget_s: float, **kwargs):
                 waited = time.monotonic() - started if budget_s > 0 else None
                 raise unavailable(cause, transient=transient, waited_s=waited) from err
             pause = min(delay, remaining)
-            log.warning("tracking store: %s; retrying in %.1f s", cause, pause)
+            log.info("tracking store: %s; retrying in %.1f s", cause, pause)
             time.sleep(pause)
             delay = min(2 * delay, MAX_RETRY_DELAY_S)
 
@@ -209,6 +209,7 @@ def _mlflow(root: Path | None = None):
     import mlflow
 
     _install_sqlite_busy_timeout()
+    _quiet_store_outage_tracebacks()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -233,6 +234,22 @@ def _install_sqlite_busy_timeout() -> None:
         return statement, parameters
 
     event.listen(Engine, "before_cursor_execute", busy_timeout, retval=True)
+
+
+class _StoreOutageFilter(logging.Filter):
+    """MLflow logs a full traceback for every locked or read-only SQLite statement before raising it;
+    ``call`` retries that error or turns it into one line, so the traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        errors = [record.exc_info[1]] if record.exc_info and record.exc_info[1] else []
+        if isinstance(record.args, tuple):
+            errors += [arg for arg in record.args if isinstance(arg, BaseException)]
+        return not any(diagnose(error) is not None for error in errors)
+
+
+@functools.cache
+def _quiet_store_outage_tracebacks() -> None:
+    logging.getLogger("mlflow.store.db.utils").addFilter(_StoreOutageFilter())
 
 
 def client(root: Path | None = None, budget_s: float | None = None):
@@ -276,13 +293,15 @@ def check_store(root: Path | None = None, *, write: bool = True) -> None:
 
 
 def _probe_sqlite_write(connect_to: str) -> None:
-    """Take and release SQLite's write lock: fails on a read-only file, waits for another writer."""
-    connection = sqlite3.connect(
-        connect_to, uri=True, timeout=_seconds(SQLITE_BUSY_ENV, SQLITE_BUSY_DEFAULT_S)
-    )
+    """Write the database header's user_version back unchanged and roll back: fails on a read-only
+    file (or one opened read-only), waits for another writer's lock."""
+    busy_s = _seconds(SQLITE_BUSY_ENV, SQLITE_BUSY_DEFAULT_S)
+    connection = sqlite3.connect(connect_to, uri=True, timeout=busy_s, isolation_level=None)
     try:
         connection.execute("BEGIN IMMEDIATE")
-        connection.rollback()
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        connection.execute(f"PRAGMA user_version = {version}")
+        connection.execute("ROLLBACK")
     finally:
         connection.close()
 
