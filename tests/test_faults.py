@@ -272,6 +272,21 @@ def test_registry_uri_in_params_is_resolved_before_any_run(project, capsys, uri,
     assert tracking.find_runs() == []  # no MLflow run was created
 
 
+def test_registry_uri_that_resolves_lets_the_stage_run(project, capsys):
+    from pipeline.registry import register_loss
+
+    loss = project / "loss.pt"
+    loss.write_bytes(b"an evolved loss")
+    with StageRun("evolve", {}, "h", experiment=EXPERIMENT) as run:
+        register_loss(run, loss, "fault-loss", {"fitness": 1.0}, alias="champion")
+    params = edit_params(project, evaluate__epg__loss="models:/fault-loss@champion")
+    ran = []
+    stage_main(
+        "evaluate", lambda config, root: ran.append(config.evaluate.epg.loss), ["--params", str(params)]
+    )
+    assert ran == ["models:/fault-loss@champion"]
+
+
 # ------------------------------------------------------------------------------------------ item 8
 def test_read_only_store_is_refused_in_one_line_before_any_work(project, monkeypatch, capsys):
     database = project / "mlflow.db"
