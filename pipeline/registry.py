@@ -18,6 +18,7 @@ from typing import Any
 
 from . import tracking
 from .errors import BadReference
+from .retry import call, connect_budget_s, outage_budget_s
 
 LOSS_MODEL_DESCRIPTION = "Loss functions evolved by EPG (pipeline evolve stage)."
 LOSS_ARTIFACT_DIR = "evolved_loss"
@@ -100,7 +101,7 @@ def register_file(
 ) -> str:
     """Log ``path`` under the run in ``artifact_dir`` and register it as a new version of
     ``model_name`` (created on first use); ``alias`` then points at the new version."""
-    mlclient = tracking.client(run.root, budget_s=tracking.outage_budget_s())
+    mlclient = tracking.client(run.root, budget_s=outage_budget_s())
     run.log_artifact(path, artifact_path=artifact_dir)
     if registered_model(model_name, run.root) is None:
         mlclient.create_registered_model(model_name, description=description or None)
@@ -188,11 +189,11 @@ def download_file(uri: str, file_name: str | None = None, root: Path | None = No
     mlflow = tracking._mlflow(root)
     with tempfile.TemporaryDirectory(prefix="registry-") as folder:
         local = Path(
-            tracking.call(
+            call(
                 mlflow.artifacts.download_artifacts,
                 artifact_uri=uri,
                 dst_path=folder,
-                budget_s=tracking.connect_budget_s(),
+                budget_s=connect_budget_s(),
             )
         )
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())

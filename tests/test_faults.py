@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cli, tracking
+from pipeline import cli, retry, tracking
 from pipeline.errors import ServiceUnavailable, TrackingUnavailable
 from pipeline.preflight import check_ray_address
 from pipeline.stage import stage_main
@@ -58,9 +58,9 @@ def project(tmp_path, monkeypatch, empty_db) -> Path:
     for name in ("PIPELINE_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv(tracking.CONNECT_ENV, "1")
-    monkeypatch.setenv(tracking.OUTAGE_ENV, "60")
-    monkeypatch.setenv(tracking.SQLITE_BUSY_ENV, "0.2")
+    monkeypatch.setenv(retry.CONNECT_ENV, "1")
+    monkeypatch.setenv(retry.OUTAGE_ENV, "60")
+    monkeypatch.setenv(retry.SQLITE_BUSY_ENV, "0.2")
     yield tmp_path
     import mlflow
 
@@ -135,7 +135,7 @@ def test_call_retries_a_locked_store_then_succeeds():
             raise sqlite3.OperationalError("database is locked")
         return "done"
 
-    assert tracking.call(flaky, budget_s=30) == "done"
+    assert retry.call(flaky, budget_s=30) == "done"
     assert len(attempts) == 3
 
 
@@ -144,7 +144,7 @@ def test_call_gives_up_after_its_budget_and_at_once_on_a_read_only_store():
         raise sqlite3.OperationalError("database is locked")
 
     with pytest.raises(TrackingUnavailable, match=r"unavailable \(database is locked by another process\)"):
-        tracking.call(locked, budget_s=0.3)
+        retry.call(locked, budget_s=0.3)
 
     attempts = []
 
@@ -153,7 +153,7 @@ def test_call_gives_up_after_its_budget_and_at_once_on_a_read_only_store():
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
     with pytest.raises(TrackingUnavailable, match="cannot be used: attempt to write a readonly database"):
-        tracking.call(read_only, budget_s=30)
+        retry.call(read_only, budget_s=30)
     assert len(attempts) == 1
 
 
@@ -162,14 +162,14 @@ def test_call_passes_other_errors_through_untouched():
         raise KeyError("not a store problem")
 
     with pytest.raises(KeyError):
-        tracking.call(broken, budget_s=30)
+        retry.call(broken, budget_s=30)
 
 
 # ------------------------------------------------------------------------------------------ item 2
 def test_cli_against_an_unreachable_server_fails_in_one_line(tmp_path):
     (tmp_path / "dvc.yaml").touch()
     uri = f"http://127.0.0.1:{closed_port()}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, tracking.CONNECT_ENV: "1", "PYTHONPATH": str(PROJECT)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, retry.CONNECT_ENV: "1", "PYTHONPATH": str(PROJECT)}
     for args in (["losses", "list"], ["models", "list"]):
         result = subprocess.run(
             [sys.executable, "-m", "pipeline", *args],
@@ -210,7 +210,7 @@ def test_metrics_logged_during_a_brief_lock_are_buffered_then_flushed(project):
 
 
 def test_a_lock_outlasting_the_outage_budget_stops_the_stage_in_one_line(project, monkeypatch, capsys):
-    monkeypatch.setenv(tracking.OUTAGE_ENV, "0.5")
+    monkeypatch.setenv(retry.OUTAGE_ENV, "0.5")
     database = project / "mlflow.db"
 
     def training(config, root):
