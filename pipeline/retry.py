@@ -58,10 +58,10 @@ def diagnose(err: BaseException) -> tuple[bool, str] | None:
     """
     for link in _chain(err):
         text = str(link).strip().splitlines()[0] if str(link).strip() else type(link).__name__
-        lowered = str(link).lower()
-        if any(marker in lowered for marker in _FATAL_TEXT):
-            return False, _short(text)
-        if any(marker in lowered for marker in _TRANSIENT_TEXT):
+        fatal = [line for line in str(link).splitlines() if any(m in line.lower() for m in _FATAL_TEXT)]
+        if fatal:
+            return False, _short(fatal[0])
+        if any(marker in str(link).lower() for marker in _TRANSIENT_TEXT):
             return True, "database is locked by another process"
         if isinstance(link, ConnectionRefusedError):
             return True, "connection refused"
@@ -86,7 +86,8 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 
 
 def _short(text: str, limit: int = 160) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
+    """One line; without SQLAlchemy's "(sqlite3.OperationalError) " prefix."""
+    text = re.sub(r"^\([\w.]+\)\s*", "", re.sub(r"\s+", " ", text).strip())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -422,13 +422,15 @@ class StageRun:
         return 0.0 if self._outage_since is None else time.monotonic() - self._outage_since
 
     def _note_outage(self, err: TrackingUnavailable, outage_s: float, give_up: bool) -> None:
+        transient = getattr(err, "transient", True)
         if self._outage_since is None:
             self._outage_since = time.monotonic()
-            log.warning("%s; buffering metrics and retrying for up to %.0f s", err, outage_s)
-        if give_up or not getattr(err, "transient", True) or self._down_for() >= outage_s:
+            if transient and not give_up:
+                log.warning("%s; buffering metrics and retrying for up to %.0f s", err, outage_s)
+        if give_up or not transient or self._down_for() >= outage_s:
             raise unavailable(
                 getattr(err, "cause", str(err)),
-                transient=getattr(err, "transient", True),
+                transient=transient,
                 waited_s=self._down_for(),
                 detail=f"{self.buffered} metric values of run {self.run_id} not logged",
             ) from err
