@@ -244,6 +244,49 @@ def test_a_lock_outlasting_the_outage_budget_stops_the_stage_in_one_line(project
     assert "metric values of run" in line
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_evolve_survives_a_lock_held_across_generations(project, monkeypatch, caplog):
+    """The real training loop: the store is locked during generations 1 and 2; evolve finishes, every
+    generation's metrics reach the store, and the loss is registered."""
+    from epg_helpers import evolve_config
+
+    from pipeline.config import PipelineConfig
+    from pipeline.epg.evolve import run_evolve
+    from pipeline.epg.problem import OpenAIES
+    from pipeline.io import write_json
+    from pipeline.prepare import task_splits
+    from pipeline.registry import list_versions
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evolve"].update(evolve_config(generations=4).model_dump(mode="json"), num_actors=0)
+    config = PipelineConfig.model_validate(params)
+    tasks = write_json(project / "tasks.json", task_splits(config.prepare, config.seed))
+    lock, original_step, calls = sqlite_locked(project / "mlflow.db"), OpenAIES.step, {"n": 0}
+
+    def step_with_outage(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            lock.__enter__()  # after generation 0 is logged
+        if calls["n"] == 4:
+            lock.__exit__(None, None, None)  # generations 1 and 2 were logged into a locked store
+        return original_step(self)
+
+    monkeypatch.setattr(OpenAIES, "step", step_with_outage)
+    try:
+        metrics = run_evolve(
+            config, tasks, project / "loss.pt", project / "m.json", project / "plots", project / "ckpt"
+        )
+    finally:
+        if calls["n"] in (2, 3):
+            lock.__exit__(None, None, None)
+    assert calls["n"] == 4
+    assert any("buffering metrics" in record.getMessage() for record in caplog.records), "the lock never bit"
+    history = tracking.client().get_metric_history(metrics["mlflow_run_id"], "fitness/center")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert [row["version"] for row in list_versions(config.tracking.registered_model)] == ["1"]
+
+
 # ------------------------------------------------------------------------------------------ item 6
 def test_unreachable_ray_address_fails_within_its_budget():
     address = f"127.0.0.1:{closed_port()}"
