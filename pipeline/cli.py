@@ -59,6 +59,10 @@ def cmd_models(args) -> int:
         return list_models()
     if args.action == "list":
         return list_versions(model, args.tags)
+    if args.action == "export":
+        target = Path(args.path)
+        if not target.is_dir() and not target.parent.is_dir() and not args.parents:
+            return _fail(f"folder {target.parent} does not exist (pass --parents to create it)")
     version = str(registry.resolve_version(model, args.version).version)
     if args.action == "show":
         print(json.dumps(next(r for r in registry.list_versions(model) if r["version"] == version), indent=2))
@@ -66,10 +70,7 @@ def cmd_models(args) -> int:
         registry.set_alias(model, version, args.alias)
         print(f"{model} version {version} now has alias {args.alias!r}")
     elif args.action == "export":
-        target = Path(args.path)
-        if not target.is_dir() and not target.parent.is_dir() and not args.parents:
-            return _fail(f"folder {target.parent} does not exist (pass --parents to create it)")
-        target = registry.export_version(model, version, target, parents=args.parents)
+        target = registry.export_version(model, version, Path(args.path), parents=args.parents)
         print(f"exported {model} version {version} to {target}")
     return 0
 

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from .errors import TrackingUnavailable
 from .retry import (
@@ -146,22 +146,21 @@ def sqlite_target(uri: str) -> tuple[Path, str] | None:
     query = dict(url.query)
     if str(query.pop("uri", "")).lower() in ("true", "1"):
         path = Path(database.removeprefix("file:"))
-        return path, f"file:{path}" + (f"?{urlencode(query)}" if query else "")
-    return Path(database), f"file:{database}"
+        return path, f"file:{quote(str(path))}" + (f"?{urlencode(query)}" if query else "")
+    return Path(database), f"file:{quote(database)}"
 
 
-def check_store(root: Path | None = None, *, write: bool = True) -> None:
-    """Fail fast, in one line, when the store cannot be reached (or written, with ``write``): called
-    before a stage or a command does any work. Retries within the connect budget."""
+def check_store(root: Path | None = None) -> None:
+    """Fail fast, in one line, when the store cannot be reached or written: called before a stage does
+    any work. Retries within the connect budget."""
     budget = connect_budget_s()
     target = sqlite_target(tracking_uri(root))
-    if target is not None and write:
+    if target is not None:
         path, connect_to = target
-        if not path.exists():
-            if not path.parent.is_dir():
-                raise unavailable(f"folder {path.parent} does not exist", transient=False)
-        else:
+        if path.exists():
             call(_probe_sqlite_write, connect_to, budget_s=budget)
+        elif not path.parent.is_dir():
+            raise unavailable(f"folder {path.parent} does not exist", transient=False)
     client(root, budget_s=budget).search_experiments(max_results=1)
 
 
