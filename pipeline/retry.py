@@ -99,7 +99,10 @@ def unavailable(
 
     store = tracking_uri()
     if not transient:
-        message = f"MLflow tracking store {store} cannot be used: {cause}"
+        message = (
+            f"MLflow tracking store {store} cannot be used: {cause}; make it (and its folder) writable "
+            "or point MLFLOW_TRACKING_URI elsewhere"
+        )
     else:
         message = (
             f"MLflow tracking store {store} unavailable ({cause})"

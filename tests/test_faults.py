@@ -152,7 +152,9 @@ def test_call_gives_up_after_its_budget_and_at_once_on_a_read_only_store():
         attempts.append(1)
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
-    with pytest.raises(TrackingUnavailable, match="cannot be used: attempt to write a readonly database$"):
+    with pytest.raises(
+        TrackingUnavailable, match="cannot be used: attempt to write a readonly database; make it"
+    ):
         retry.call(read_only, budget_s=30)
     assert len(attempts) == 1
 
@@ -165,7 +167,8 @@ def test_a_read_only_store_found_mid_run_stops_it_at_once(project, monkeypatch):
             run.log_metrics({"loss": 1.0}, step=0)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     assert str(stopped.value).endswith(
-        "cannot be used: attempt to write a readonly database; 1 metric values of run "
+        "cannot be used: attempt to write a readonly database; make it (and its folder) writable or point "
+        "MLFLOW_TRACKING_URI elsewhere; 1 metric values of run "
         f"{run.run_id} not logged"
     )
 
