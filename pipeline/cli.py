@@ -1,9 +1,11 @@
-"""Command line: ``python -m pipeline {losses,profile,ui,curves,score,games} ...``.
+"""Command line: ``python -m pipeline {models,losses,profile,ui,curves,score,games} ...``.
 
-python -m pipeline losses list
-python -m pipeline losses show VERSION|ALIAS
-python -m pipeline losses promote VERSION --alias champion
-python -m pipeline losses export VERSION|ALIAS PATH
+python -m pipeline models list                      # every registered model
+python -m pipeline models list NAME [--tags a,b]    # its versions, aliases and tags
+python -m pipeline models show NAME VERSION|ALIAS
+python -m pipeline models promote NAME VERSION|ALIAS --alias champion
+python -m pipeline models export NAME VERSION|ALIAS PATH [--parents]
+python -m pipeline losses list|show|promote|export ...   # the same for tracking.registered_model (epg-loss)
 python -m pipeline profile paper        # params.yaml + the params/paper.yaml overlay (validated first)
 python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
 python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so far, from checkpoints
@@ -11,6 +13,9 @@ python -m pipeline score runs/learn/models/metagrad --episodes 30 --out score.js
                                         # no-op-start scores of trained agents (GAME/VARIANT.pt)
 python -m pipeline games                # the ALE games this ale-py ships
 python -m pipeline params-doc           # regenerate docs/params.md from pipeline/config.py
+
+Errors are one line on stderr: exit status 2 for bad input (an unknown version, a missing folder),
+69 when the tracking store cannot be reached or written (see ``pipeline.tracking`` for the budgets).
 """
 
 from __future__ import annotations
@@ -18,16 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import tracking
+from . import registry, tracking
 from .config import ConfigError, ale_games, load_params
 from .profiles import apply_profile
+from .errors import EXIT_USAGE, StageStop
 
-EXIT_USAGE = 2
+LOSS_TAG_COLUMNS = ("fitness", "family")
+UI_STOP_GRACE_S = 10.0
 
 
 def default_model_name() -> str:
@@ -37,44 +48,69 @@ def default_model_name() -> str:
         return "epg-loss"
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return code
 
 
-def cmd_losses(args) -> int:
-    model = args.model or default_model_name()
+# ------------------------------------------------------------------------------------------ registry
+def cmd_models(args) -> int:
+    """``models ACTION NAME ...`` and its alias ``losses ACTION ...`` (NAME from --model or params)."""
+    model = args.name or args.model or (default_model_name() if args.command == "losses" else None)
+    if model is None:
+        return list_models()
     if args.action == "list":
-        rows = tracking.list_versions(model)
-        if not rows:
-            print(f"no versions of {model!r} in {tracking.tracking_uri()}")
-            return 0
-        print(f"{'version':>7}  {'aliases':<22} {'fitness':>10} {'family':<16} {'created':<19}  run_id")
-        for row in rows:
-            created = datetime.fromtimestamp(row["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            print(
-                f"{row['version']:>7}  {','.join(row['aliases']) or '-':<22} "
-                f"{row['tags'].get('fitness', '-'):>10} "
-                f"{row['tags'].get('family', '-'):<16} {created:<19}  {row['run_id']}"
-            )
-        return 0
-    try:
-        version = tracking.resolve_version(model, args.version)
-    except Exception as err:  # MLflow raises its own exception types for unknown versions/aliases
-        return _fail(f"{model!r} has no version or alias {args.version!r} ({type(err).__name__})")
-    if args.action == "show":
-        row = next(r for r in tracking.list_versions(model) if r["version"] == str(version.version))
-        print(json.dumps(row, indent=2))
-        return 0
-    if args.action == "promote":
-        tracking.set_alias(model, version.version, args.alias)
-        print(f"{model} version {version.version} now has alias {args.alias!r}")
-        return 0
+        return list_versions(model, args.tags)
     if args.action == "export":
-        target = tracking.export_version(model, str(version.version), Path(args.path))
-        print(f"exported {model} version {version.version} to {target}")
+        target = Path(args.path)
+        if not target.is_dir() and not target.parent.is_dir() and not args.parents:
+            return _fail(f"folder {target.parent} does not exist (pass --parents to create it)")
+    version = str(registry.resolve_version(model, args.version).version)
+    if args.action == "show":
+        print(json.dumps(next(r for r in registry.list_versions(model) if r["version"] == version), indent=2))
+    elif args.action == "promote":
+        registry.set_alias(model, version, args.alias)
+        print(f"{model} version {version} now has alias {args.alias!r}")
+    elif args.action == "export":
+        target = registry.export_version(model, version, Path(args.path), parents=args.parents)
+        print(f"exported {model} version {version} to {target}")
+    return 0
+
+
+def list_models() -> int:
+    names = registry.list_models()
+    if not names:
+        print(f"no registered models in {tracking.tracking_uri()}")
+    for name in names:
+        rows = registry.list_versions(name)
+        aliases = ", ".join(f"{a}={r['version']}" for r in rows for a in r["aliases"]) or "-"
+        print(f"{name}  {len(rows)} versions  {aliases}")
+    return 0
+
+
+def list_versions(model: str, tags: str | None) -> int:
+    rows = registry.list_versions(model)
+    if not rows:
+        print(f"no versions of {model!r} in {tracking.tracking_uri()}")
         return 0
-    return _fail(f"unknown action {args.action!r}")
+    columns = [t for t in tags.split(",") if t] if tags is not None else short_tag_keys(rows)
+    widths = {c: max(10, len(c), *(len(r["tags"].get(c, "-")) for r in rows)) for c in columns}
+    tag_header = "".join(f"{c:<{widths[c]}} " for c in columns)
+    print(f"{'version':>7}  {'aliases':<22} {tag_header}{'created':<19}  run_id")
+    for row in rows:
+        created = datetime.fromtimestamp(row["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        tag_cells = "".join(f"{row['tags'].get(c, '-'):<{widths[c]}} " for c in columns)
+        aliases = ",".join(row["aliases"]) or "-"
+        print(f"{row['version']:>7}  {aliases:<22} {tag_cells}{created:<19}  {row['run_id']}")
+    return 0
+
+
+def short_tag_keys(rows: list[dict], longest: int = 16) -> list[str]:
+    """The version tags worth a column: every key in first-seen order, but not ids and hashes."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row["tags"]))
+    return [k for k in keys if all(len(r["tags"].get(k, "")) <= longest for r in rows)]
 
 
 def cmd_profile(args) -> int:
@@ -91,23 +127,54 @@ def cmd_profile(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    """Run ``mlflow ui`` in its own process group and stop the whole group (server and workers) when
+    this process is told to stop: SIGTERM, SIGINT (Ctrl-C) or SIGHUP."""
+    if port_in_use(args.host, args.port):
+        return _fail(f"port {args.port} on {args.host} is already in use; pick another with --port")
     root = tracking.project_root()
     command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        tracking.tracking_uri(root),
-        "--default-artifact-root",
-        tracking.artifact_root(root).as_uri(),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
+        *(sys.executable, "-m", "mlflow", "ui"),
+        *("--backend-store-uri", tracking.tracking_uri(root)),
+        *("--default-artifact-root", tracking.artifact_root(root).as_uri()),
+        *("--host", args.host, "--port", str(args.port)),
     ]
-    print(f"MLflow UI at http://{args.host}:{args.port} (Ctrl-C stops it)")
-    return subprocess.call(command, env={**os.environ})
+    server = subprocess.Popen(command, env={**os.environ}, start_new_session=True)
+    stop_requested: list[float] = []
+
+    def forward(signum, frame) -> None:
+        stop_requested.append(time.monotonic())
+        _signal_group(server.pid, signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    print(f"MLflow UI at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    while server.poll() is None:
+        if stop_requested and time.monotonic() - stop_requested[0] > UI_STOP_GRACE_S:
+            _signal_group(server.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    _signal_group(server.pid, signal.SIGKILL)  # workers the server left behind
+    if stop_requested or server.returncode == 0:
+        return 0
+    return _fail(f"mlflow ui stopped with exit status {server.returncode}", code=1)
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on (host, port): binding with SO_REUSEADDR, as servers do, fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def cmd_games(args) -> int:
@@ -155,8 +222,12 @@ def cmd_score(args) -> int:
     agents = discover_agents(models)
     if not agents:
         return _fail(f"no agents in {models} (expected GAME/VARIANT.pt files, as in models/metagrad)")
+    table = atari_score_table()
+    problem = agents_problem(agents, table["games"])
+    if problem:
+        return _fail(problem)
     config = AtariEvalConfig(episodes=args.episodes)
-    results = evaluate_agents(agents, atari_score_table(), config, args.seed, args.confidence).to_dict()
+    results = evaluate_agents(agents, table, config, args.seed, args.confidence).to_dict()
     for game, variants in results["games"].items():
         for variant, r in variants.items():
             print(
@@ -168,6 +239,25 @@ def cmd_score(args) -> int:
     if args.out:
         print(write_json(Path(args.out), {**results, "models": str(models), "seed": args.seed}))
     return 0
+
+
+def agents_problem(agents: dict[str, dict[str, Path]], scored_games) -> str | None:
+    """What is wrong with a GAME/VARIANT.pt folder before any episode is played, or None."""
+    from .evaluation.atari_eval import load_agent
+
+    for game, variants in agents.items():
+        folder = next(iter(variants.values())).parent
+        if game not in ale_games() or game not in scored_games:
+            return (
+                f"{folder} is not a game folder: {game!r} is no Atari game with human and random "
+                "scores (see python -m pipeline games); move it out of the agents folder"
+            )
+        for path in variants.values():
+            try:
+                load_agent(path)
+            except Exception as err:  # any unreadable or foreign .pt file
+                return f"{path} is not a trained agent ({type(err).__name__}: {err})"
+    return None
 
 
 def positive_int(text: str) -> int:
@@ -184,23 +274,37 @@ def probability(text: str) -> float:
     return value
 
 
+def add_registry_actions(parser: argparse.ArgumentParser, named: bool, tags_default: str | None) -> None:
+    """list/show/promote/export; ``named``: each takes the registered model's NAME first."""
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="versions with aliases and tags (no NAME: every model)")
+    if named:
+        listing.add_argument("name", nargs="?", help="registered model (omit to list the models)")
+    listing.add_argument(
+        "--tags", default=tags_default, help="comma-separated version tags to show as columns"
+    )
+    show = actions.add_parser("show", help="one version's tags, run and source")
+    promote = actions.add_parser("promote", help="point an alias at a version")
+    promote.add_argument("--alias", default="champion")
+    export = actions.add_parser("export", help="copy a version's file to PATH (a file or a folder)")
+    for action in (show, promote, export):
+        if named:
+            action.add_argument("name", help="registered model, e.g. epg-loss or maml-policy")
+        action.add_argument("version", help="version number or alias")
+    export.add_argument("path")
+    export.add_argument("--parents", action="store_true", help="create missing parent folders of PATH")
+    parser.set_defaults(func=cmd_models, name=None, model=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    losses = commands.add_parser("losses", help="evolved losses in the MLflow Model Registry")
+    models = commands.add_parser("models", help="any registered model in the MLflow Model Registry")
+    add_registry_actions(models, named=True, tags_default=None)
+    losses = commands.add_parser("losses", help="evolved losses: models ... for tracking.registered_model")
     losses.add_argument("--model", help="registered model name (default: tracking.registered_model)")
-    actions = losses.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="all versions with aliases and fitness")
-    show = actions.add_parser("show", help="one version's tags, run and source")
-    show.add_argument("version", help="version number or alias")
-    promote = actions.add_parser("promote", help="point an alias at a version")
-    promote.add_argument("version", help="version number or alias")
-    promote.add_argument("--alias", default="champion")
-    export = actions.add_parser("export", help="copy a version's loss.pt to PATH")
-    export.add_argument("version", help="version number or alias")
-    export.add_argument("path")
-    losses.set_defaults(func=cmd_losses)
+    add_registry_actions(losses, named=False, tags_default=",".join(LOSS_TAG_COLUMNS))
 
     profile = commands.add_parser("profile", help="apply the overlay params/NAME.yaml to params.yaml")
     profile.add_argument("name")
@@ -238,4 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except StageStop as err:  # an unreachable store, an unknown version: one line, no traceback
+        return _fail(str(err), code=err.exit_code)

@@ -1,8 +1,11 @@
 """The shared entry point of the stage scripts in ``stages/``.
 
 ``stage_main`` parses ``--params``, validates the whole params file before any work (exit status 2,
-one line per bad key, nothing written), configures logging and threads, and opens the stage's MLflow
-run. Stage scripts then only call one library function and name their output paths.
+one line per bad key, nothing written), checks what the stage needs from outside (``preflight``: the
+tracking store, registry URIs, Ray), configures logging and threads, and opens the stage's MLflow
+run. Stage scripts then only call one library function and name their output paths. A ``StageStop``
+(the tracking store gone for too long, a missing service) ends the stage with one line on stderr and
+its exit status, the work so far kept in the stage's checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, load_params, params_hash, section_dict
+from .errors import StageStop
 from .io import read_json, write_json
+from .preflight import preflight
 
 log = logging.getLogger("pipeline")
 
@@ -58,12 +63,19 @@ def parse_args(stage: str, argv: list[str] | None = None) -> tuple[PipelineConfi
 def stage_main(
     stage: str, body: Callable[[PipelineConfig, Path], object], argv: list[str] | None = None
 ) -> None:
-    """Validate params, then run ``body(config, output_root)``; bad params exit 2 before any work."""
+    """Validate params and preflight, then run ``body(config, output_root)``; bad params exit 2 before
+    any work, a ``StageStop`` exits with its status and one line on stderr."""
     configure_logging()
     config, output_root = parse_args(stage, argv)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    log.info("%s: params hash %s", stage, params_hash(section_dict(config, stage)))
-    body(config, output_root)
+    section = section_dict(config, stage)
+    log.info("%s: params hash %s", stage, params_hash(section))
+    try:
+        preflight(section)
+        body(config, output_root)
+    except StageStop as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 RUN_STATE_FILE = "run.json"

@@ -1,4 +1,4 @@
-"""MLflow tracking: the only module of the library that talks to MLflow.
+"""MLflow tracking: the library's only door to MLflow (``registry`` builds on it for the Model Registry).
 
 Default store: a SQLite file (``mlflow.db``) and an artifact folder (``mlartifacts/``) in the project
 root, addressed by absolute paths, so no server is needed. ``MLFLOW_TRACKING_URI`` points everything
@@ -6,21 +6,48 @@ at a server instead.
 
 Each stage invocation is one MLflow run (``StageRun``), tagged so that a user can find it from DVC
 and filter one ``dvc repro``: stage, git commit and dirty flag, params hash, DVC experiment name and
-a pipeline-run id shared by all stages of one reproduction. Evolved losses are registered as
-versions of a registered model (``register_loss`` and the ``pipeline losses`` CLI).
+a pipeline-run id shared by all stages of one reproduction.
+
+Tracking never kills a training run by accident, and never answers "nothing there" when it could not
+look. Every MLflow call retries transient failures (a locked SQLite file, a server that does not
+answer) with exponential backoff within a time budget, then raises ``TrackingUnavailable`` (one line:
+the store and the cause). Budgets, in seconds, from the environment:
+
+- ``PIPELINE_TRACKING_CONNECT_S`` (default 15): reaching the store when a stage or command starts;
+- ``PIPELINE_TRACKING_OUTAGE_S`` (default 600): how long a running stage keeps working while the store
+  is unavailable; its metrics are buffered meanwhile and sent when the store is back;
+- ``PIPELINE_SQLITE_BUSY_S`` (default 5): how long one SQLite statement waits for another writer's lock.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import re
+import sqlite3
 import subprocess
-import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
+
+from .errors import TrackingUnavailable
+from .retry import (
+    FIRST_RETRY_DELAY_S,
+    MAX_RETRY_DELAY_S,
+    Retrying,
+    StoreOutageFilter,
+    call,
+    connect_budget_s,
+    diagnose,
+    outage_budget_s,
+    sqlite_busy_s,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +83,99 @@ def artifact_root(root: Path | None = None) -> Path:
     return (root or project_root()).resolve() / "mlartifacts"
 
 
+# ------------------------------------------------------------------------------------------ store access
 def _mlflow(root: Path | None = None):
     """Import MLflow pointed at our store (the import is slow, so it is done lazily)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's own HTTP retries take ~4 min to give up on a dead server; ``call`` retries instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     import mlflow
 
+    _install_sqlite_busy_timeout()
+    _quiet_store_outage_tracebacks()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow
 
 
-def client(root: Path | None = None):
+_BUSY_PRAGMA = re.compile(r"\s*PRAGMA\s+busy_timeout\s*=", re.IGNORECASE)
+
+
+@functools.cache
+def _install_sqlite_busy_timeout() -> None:
+    """MLflow makes every SQLite session wait up to 20 s for a lock; a training loop would stall that
+    long per attempt. Rewrite its ``PRAGMA busy_timeout`` to PIPELINE_SQLITE_BUSY_S: ``call`` does the
+    longer waiting, with backoff, and a running stage keeps working in between."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def busy_timeout(conn, cursor, statement, parameters, context, executemany):
+        if _BUSY_PRAGMA.match(statement):
+            milliseconds = int(1000 * sqlite_busy_s())
+            statement = f"PRAGMA busy_timeout = {milliseconds};"
+        return statement, parameters
+
+    event.listen(Engine, "before_cursor_execute", busy_timeout, retval=True)
+
+
+@functools.cache
+def _quiet_store_outage_tracebacks() -> None:
+    logging.getLogger("mlflow.store.db.utils").addFilter(StoreOutageFilter())
+
+
+def client(root: Path | None = None, budget_s: float | None = None):
+    """An MlflowClient on our store whose calls retry for ``budget_s`` (default: the connect budget)."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(root)
     _mlflow(root)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    raw = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return Retrying(raw, connect_budget_s() if budget_s is None else budget_s)
+
+
+def sqlite_target(uri: str) -> tuple[Path, str] | None:
+    """(database file, sqlite3 connect target) of a ``sqlite://`` URI; None for other stores."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    database = url.database or ""
+    query = dict(url.query)
+    if str(query.pop("uri", "")).lower() in ("true", "1"):
+        path = Path(database.removeprefix("file:"))
+        return path, f"file:{quote(str(path))}" + (f"?{urlencode(query)}" if query else "")
+    return Path(database), f"file:{quote(database)}"
+
+
+def check_store(root: Path | None = None) -> None:
+    """Fail fast, in one line, when the store cannot be reached or written: called before a stage does
+    any work. Retries within the connect budget."""
+    budget = connect_budget_s()
+    target = sqlite_target(tracking_uri(root))
+    if target is not None:
+        path, connect_to = target
+        if path.exists():
+            call(_probe_sqlite_write, connect_to, budget_s=budget)
+        elif not path.parent.is_dir():
+            raise unavailable(f"folder {path.parent} does not exist", transient=False)
+    client(root, budget_s=budget).search_experiments(max_results=1)
+
+
+def _probe_sqlite_write(connect_to: str) -> None:
+    """Write the database header's user_version back unchanged and roll back: fails on a read-only
+    file (or one opened read-only), waits for another writer's lock."""
+    busy_s = sqlite_busy_s()
+    connection = sqlite3.connect(connect_to, uri=True, timeout=busy_s, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        connection.execute(f"PRAGMA user_version = {version}")
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
 
 
 def experiment_id(name: str, root: Path | None = None) -> str:
@@ -88,6 +191,8 @@ def experiment_id(name: str, root: Path | None = None) -> str:
         location = (artifact_root(root) / name).as_uri()
     try:
         return mlclient.create_experiment(name, artifact_location=location)
+    except TrackingUnavailable:
+        raise
     except Exception:  # created concurrently by another stage process
         experiment = mlclient.get_experiment_by_name(name)
         if experiment is None:
@@ -143,7 +248,9 @@ class StageRun:
     """One MLflow run for one stage invocation; a context manager.
 
     ``resume_run_id`` continues an earlier run (a stage resumed from its checkpoint), otherwise a new
-    run is started and the flattened params are logged.
+    run is started and the flattened params are logged. Starting fails fast (connect budget); once
+    running, metrics are buffered while the store is unavailable and sent when it is back, and only an
+    outage longer than the outage budget raises ``TrackingUnavailable``.
     """
 
     def __init__(
@@ -166,7 +273,11 @@ class StageRun:
         self.root = root or project_root()
         self.run_id: str | None = None
         self._mlflow = None
+        self._client = None
         self._queued: list = []
+        self._outage_since: float | None = None  # monotonic time of the first failed flush
+        self._next_flush = 0.0
+        self._flush_delay = FIRST_RETRY_DELAY_S
 
     def __enter__(self) -> StageRun:
         from mlflow.exceptions import MlflowException
@@ -175,24 +286,31 @@ class StageRun:
 
         mlflow = _mlflow(self.root)
         self._mlflow = mlflow
+        self._client = client(self.root, budget_s=outage_budget_s())
+        budget = connect_budget_s()
         exp_id = experiment_id(self.experiment, self.root)
         run = None
         if self.resume_run_id:
             try:
-                run = mlflow.start_run(
-                    run_id=self.resume_run_id, log_system_metrics=self.system_metrics or None
+                run = call(
+                    mlflow.start_run,
+                    run_id=self.resume_run_id,
+                    log_system_metrics=self.system_metrics or None,
+                    budget_s=budget,
                 )
                 log.info("resuming MLflow run %s", self.resume_run_id)
             except MlflowException as err:
                 log.warning("cannot resume MLflow run %s (%s); starting a new run", self.resume_run_id, err)
         if run is None:
-            run = mlflow.start_run(
+            run = call(
+                mlflow.start_run,
                 experiment_id=exp_id,
                 run_name=f"{self.stage}-{uuid.uuid4().hex[:6]}",
                 log_system_metrics=self.system_metrics or None,
+                budget_s=budget,
             )
             flat = {key: _param_value(value) for key, value in flatten(self.params).items()}
-            mlflow.log_params(flat)
+            call(mlflow.log_params, flat, budget_s=budget)
         self.run_id = run.info.run_id
         commit, dirty = git_state(self.root)
         tags = {
@@ -204,7 +322,7 @@ class StageRun:
         }
         if os.environ.get("DVC_EXP_NAME"):
             tags[TAG_DVC_EXP] = os.environ["DVC_EXP_NAME"]
-        mlflow.set_tags(tags)
+        call(mlflow.set_tags, tags, budget_s=budget)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -214,16 +332,37 @@ class StageRun:
             status = "KILLED"
         else:
             status = "FAILED"
+        # The store already failed us: one quick attempt, so the stage stops now with its own error.
+        budget = 0.0 if exc_type is not None and issubclass(exc_type, TrackingUnavailable) else None
         try:
-            self.flush_metrics()
+            self.flush_metrics(wait=True, budget_s=budget)
+            self._client_with(budget).set_terminated(self.run_id, status)
+        except TrackingUnavailable:
+            if exc_type is None:
+                raise
+            log.error("could not close MLflow run %s: the store is unavailable", self.run_id)
         finally:
-            self._mlflow.end_run(status=status)
+            self._leave_run(status)
+
+    def _client_with(self, budget_s: float | None):
+        return self._client if budget_s is None else client(self.root, budget_s=budget_s)
+
+    def _leave_run(self, status: str) -> None:
+        """Pop the run off MLflow's active-run stack and stop its system-metrics monitor; the status
+        was written just before (MLflow's end_run writes it again, an idempotent update)."""
+        active = self._mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            try:
+                self._mlflow.end_run(status=status)
+            except Exception as err:  # the store went away again; the run stays RUNNING in it
+                if diagnose(err) is None:
+                    raise
 
     # -- logging helpers
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if v is not None and _is_finite(v)}
-        if finite:
-            self._mlflow.log_metrics(finite, step=step)
+        """Record metrics now and send them (they stay buffered while the store is unavailable)."""
+        self.queue_metrics(metrics, 0 if step is None else step)
+        self.flush_metrics()
 
     def log_metric_series(self, name: str, values: Iterable[float], steps: Iterable[int]) -> None:
         """Log a whole series at once (one batched call, not one call per point)."""
@@ -234,29 +373,83 @@ class StageRun:
     def queue_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Record metrics for ``step`` now, send them with the next ``flush_metrics`` (one database
         transaction for many steps: per-update metrics without a per-update round trip)."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self._queued.extend(
-            Metric(name, float(value), now, int(step)) for name, value in metrics.items() if _is_finite(value)
+            Metric(name, float(value), now, int(step))
+            for name, value in metrics.items()
+            if value is not None and _is_finite(value)
         )
 
-    def flush_metrics(self) -> None:
-        queued, self._queued = self._queued, []
-        for start in range(0, len(queued), 1000):
-            client(self.root).log_batch(self.run_id, metrics=queued[start : start + 1000])
+    @property
+    def buffered(self) -> int:
+        """Metric values recorded but not yet in the store."""
+        return len(self._queued)
+
+    def flush_metrics(self, *, wait: bool = False, budget_s: float | None = None) -> None:
+        """Send the queued metrics. While the store is unavailable they stay queued and later calls
+        retry with exponential backoff (a training loop is not held up); once it has been unavailable
+        for the outage budget, or at once for a store that cannot be written, ``TrackingUnavailable``.
+        ``wait`` retries now within the outage budget (or ``budget_s``): the end of a run."""
+        if not self._queued or (not wait and time.monotonic() < self._next_flush):
+            return
+        outage = outage_budget_s()
+        if wait:
+            budget = outage if budget_s is None else budget_s
+            if self._outage_since is not None:
+                budget = min(budget, max(0.0, outage - (time.monotonic() - self._outage_since)))
+        else:
+            budget = 0.0
+        try:
+            self._send_queued(budget)
+        except TrackingUnavailable as err:
+            self._note_outage(err, outage, give_up=wait)
+            return
+        if self._outage_since is not None:
+            log.info("tracking store is back after %.0f s; buffered metrics sent", self._down_for())
+        self._outage_since, self._flush_delay, self._next_flush = None, FIRST_RETRY_DELAY_S, 0.0
+
+    def _send_queued(self, budget_s: float) -> None:
+        mlclient = client(self.root, budget_s=budget_s)
+        while self._queued:
+            chunk = self._queued[:1000]
+            mlclient.log_batch(self.run_id, metrics=chunk)
+            del self._queued[: len(chunk)]
+
+    def _down_for(self) -> float:
+        return 0.0 if self._outage_since is None else time.monotonic() - self._outage_since
+
+    def _note_outage(self, err: TrackingUnavailable, outage_s: float, give_up: bool) -> None:
+        transient = getattr(err, "transient", True)
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            if transient and not give_up:
+                log.warning("%s; buffering metrics and retrying for up to %.0f s", err, outage_s)
+        if give_up or not transient or self._down_for() >= outage_s:
+            raise unavailable(
+                getattr(err, "cause", str(err)),
+                transient=transient,
+                waited_s=self._down_for(),
+                detail=f"{self.buffered} metric values of run {self.run_id} not logged",
+            ) from err
+        self._next_flush = time.monotonic() + self._flush_delay
+        self._flush_delay = min(2 * self._flush_delay, MAX_RETRY_DELAY_S)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
+        path, budget = Path(path), outage_budget_s()
         if path.is_dir():
-            self._mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+            call(
+                self._mlflow.log_artifacts,
+                str(path),
+                artifact_path=artifact_path or path.name,
+                budget_s=budget,
+            )
         else:
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            call(self._mlflow.log_artifact, str(path), artifact_path=artifact_path, budget_s=budget)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        call(self._mlflow.set_tags, {k: str(v) for k, v in tags.items()}, budget_s=outage_budget_s())
 
 
 def _param_value(value: Any) -> str:
@@ -283,112 +476,3 @@ def find_runs(filter_string: str = "", experiment: str | None = None, root: Path
     if not ids:
         return []
     return mlclient.search_runs(ids, filter_string=filter_string, order_by=["attributes.start_time DESC"])
-
-
-# ------------------------------------------------------------------------------------------ loss registry
-LOSS_ARTIFACT_DIR = "evolved_loss"
-LOSS_FILE = "loss.pt"
-
-
-def register_loss(
-    run: StageRun, loss_file: Path, model_name: str, tags: Mapping[str, Any], alias: str = "candidate"
-) -> str:
-    """Log ``loss_file`` under the run and register it as a new version of ``model_name``."""
-    mlclient = client(run.root)
-    run.log_artifact(loss_file, artifact_path=LOSS_ARTIFACT_DIR)
-    try:
-        mlclient.get_registered_model(model_name)
-    except Exception:
-        mlclient.create_registered_model(
-            model_name, description="Loss functions evolved by EPG (pipeline evolve stage)."
-        )
-    version = mlclient.create_model_version(
-        model_name,
-        source=f"runs:/{run.run_id}/{LOSS_ARTIFACT_DIR}",
-        run_id=run.run_id,
-        tags={k: str(v) for k, v in tags.items()},
-    )
-    mlclient.set_registered_model_alias(model_name, alias, version.version)
-    return str(version.version)
-
-
-def parse_model_uri(uri: str) -> tuple[str, str]:
-    """``models:/name@alias`` or ``models:/name/3`` -> (name, alias-or-version)."""
-    if not uri.startswith("models:/"):
-        raise ValueError(f"not a registry URI: {uri!r} (expected models:/NAME@ALIAS or models:/NAME/VERSION)")
-    body = uri.removeprefix("models:/")
-    if "@" in body:
-        name, ref = body.split("@", 1)
-    elif "/" in body:
-        name, ref = body.rsplit("/", 1)
-    else:
-        raise ValueError(f"registry URI {uri!r} names no version or alias")
-    return name, ref
-
-
-def resolve_version(model_name: str, ref: str, root: Path | None = None):
-    """A registry ModelVersion by version number or alias."""
-    mlclient = client(root)
-    if ref.isdigit():
-        return mlclient.get_model_version(model_name, ref)
-    return mlclient.get_model_version_by_alias(model_name, ref)
-
-
-def download_loss(uri: str, root: Path | None = None) -> bytes:
-    """The bytes of a registry version's loss file (``models:/epg-loss@champion``); no temp files remain."""
-    mlflow = _mlflow(root)
-    with tempfile.TemporaryDirectory(prefix="epg-loss-") as folder:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
-        candidates = [local] if local.is_file() else sorted(local.rglob(LOSS_FILE))
-        if not candidates:
-            raise FileNotFoundError(f"{uri} holds no {LOSS_FILE}")
-        return candidates[0].read_bytes()
-
-
-def list_versions(model_name: str, root: Path | None = None) -> list[dict]:
-    mlclient = client(root)
-    try:
-        registered = mlclient.get_registered_model(model_name)
-    except Exception:
-        return []
-    aliases_by_version: dict[str, list[str]] = {}
-    for alias, version in (registered.aliases or {}).items():
-        aliases_by_version.setdefault(str(version), []).append(alias)
-    versions = mlclient.search_model_versions(f"name='{model_name}'")
-    rows = []
-    for version in sorted(versions, key=lambda v: int(v.version)):
-        rows.append(
-            {
-                "version": str(version.version),
-                "aliases": sorted(aliases_by_version.get(str(version.version), [])),
-                "run_id": version.run_id,
-                "source": version.source,
-                "tags": dict(version.tags or {}),
-                "created": version.creation_timestamp,
-            }
-        )
-    return rows
-
-
-def set_alias(model_name: str, version: str, alias: str, root: Path | None = None) -> None:
-    client(root).set_registered_model_alias(model_name, alias, str(version))
-
-
-def set_version_tags(
-    model_name: str, version: str, tags: Mapping[str, Any], root: Path | None = None
-) -> None:
-    mlclient = client(root)
-    for key, value in tags.items():
-        mlclient.set_model_version_tag(model_name, str(version), key, str(value))
-
-
-def export_version(model_name: str, ref: str, destination: Path, root: Path | None = None) -> Path:
-    """Copy the loss file of a version (number or alias) to ``destination`` (file or folder)."""
-    version = resolve_version(model_name, ref, root)
-    payload = download_loss(f"models:/{model_name}/{version.version}", root)
-    destination = Path(destination)
-    if destination.is_dir():
-        destination = destination / LOSS_FILE
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.write_bytes(payload)
-    return destination

@@ -55,7 +55,8 @@ def store(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        from pipeline.tracking import StageRun, register_loss, set_alias
+        from pipeline.registry import register_loss, set_alias
+        from pipeline.tracking import StageRun
 
         for model in (MODEL, PROMO):
             for version, payload in PAYLOADS.items():
@@ -108,11 +109,24 @@ def test_losses_show_by_alias_prints_json(store):
 
 
 def test_losses_export_writes_the_version_file(store, tmp_path):
-    target = tmp_path / "exported" / "champion.pt"
+    target = tmp_path / "champion.pt"
     result = cli(store, "losses", "export", "champion", str(target))
     assert result.returncode == 0, result.stderr
     assert target.read_bytes() == PAYLOADS["1"]
     assert f"exported {MODEL} version 1 to {target}" in result.stdout
+
+
+def test_export_to_a_missing_folder_needs_parents(store, tmp_path):
+    target = tmp_path / "exported" / "champion.pt"
+    refused = cli(store, "losses", "export", "champion", str(target))
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"error: folder {target.parent} does not exist (pass --parents to create it)"
+    )
+    assert not target.parent.exists()
+    created = cli(store, "models", "export", MODEL, "champion", str(target), "--parents")
+    assert created.returncode == 0, created.stderr
+    assert target.read_bytes() == PAYLOADS["1"]
 
 
 def test_losses_promote_moves_champion(store):
@@ -133,9 +147,49 @@ def test_losses_promote_moves_champion(store):
 def test_losses_unknown_version_exits_2_with_message(store, args):
     result = cli(store, "losses", *args)
     assert result.returncode == 2
-    assert f"error: '{MODEL}' has no version or alias '{args[1]}'" in result.stderr
+    what = f"version {args[1]}" if args[1].isdigit() else f"alias {args[1]!r}"
+    assert result.stderr == f"error: '{MODEL}' has no {what}\n"
     assert result.stdout == ""
     assert not (store / "out.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ models
+def test_models_list_without_name_lists_every_registered_model(store):
+    result = cli(store, "models", "list")
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert [line.split()[0] for line in lines] == sorted([MODEL, PROMO])
+    assert f"{MODEL}  2 versions  " in result.stdout
+
+
+def test_models_verbs_work_for_any_model_like_the_losses_alias(store):
+    generic = cli(store, "models", "list", MODEL, "--tags", "fitness,family")
+    alias = cli(store, "losses", "list")
+    assert generic.returncode == alias.returncode == 0, generic.stderr + alias.stderr
+    assert generic.stdout == alias.stdout
+    shown = cli(store, "models", "show", MODEL, "2")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == json.loads(cli(store, "losses", "show", "candidate").stdout)
+
+
+def test_models_list_default_columns_skip_long_ids(store):
+    result = cli(store, "models", "list", MODEL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split() == [
+        "version",
+        "aliases",
+        "fitness",
+        "family",
+        "created",
+        "run_id",
+    ]
+
+
+def test_models_unknown_name_exits_2(store):
+    result = cli(store, "models", "show", "no-such-model", "3")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no registered model 'no-such-model' in sqlite:///")
+    assert len(result.stderr.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ profile

@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 import pytest
 
 from pipeline import tracking
-from pipeline.tracking import (
-    StageRun,
+from pipeline.registry import (
+    UnknownReference,
     download_loss,
     export_version,
     list_versions,
@@ -20,7 +20,9 @@ from pipeline.tracking import (
     register_loss,
     resolve_version,
     set_alias,
+    set_version_tags,
 )
+from pipeline.tracking import StageRun
 
 EXPERIMENT = "test-exp"
 MODEL = "test-loss"
@@ -321,10 +323,12 @@ def test_resolve_version_by_number_and_alias(store, registry):
     assert str(resolve_version(MODEL, "1").version) == "1"
     assert str(resolve_version(MODEL, "2").version) == "2"
     assert str(resolve_version(MODEL, "candidate").version) == "2"
-    with pytest.raises(Exception, match="not found"):
+    with pytest.raises(UnknownReference, match=f"'{MODEL}' has no version 7"):
         resolve_version(MODEL, "7")
-    with pytest.raises(Exception, match="not found"):
+    with pytest.raises(UnknownReference, match=f"'{MODEL}' has no alias 'nope'"):
         resolve_version(MODEL, "nope")
+    with pytest.raises(UnknownReference, match="no registered model 'other'"):
+        resolve_version("other", "1")
 
 
 def test_set_alias_points_alias_at_version(store, registry):
@@ -353,13 +357,16 @@ def test_export_version_to_folder_and_file(store, registry, tmp_path):
     into_folder = export_version(MODEL, "candidate", folder)
     assert into_folder == folder / "loss.pt"
     assert into_folder.read_bytes() == payloads["2"]
-    as_file = export_version(MODEL, "1", tmp_path / "deep" / "dir" / "v1.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_version(MODEL, "1", tmp_path / "deep" / "dir" / "v1.pt")
+    assert not (tmp_path / "deep").exists()
+    as_file = export_version(MODEL, "1", tmp_path / "deep" / "dir" / "v1.pt", parents=True)
     assert as_file == tmp_path / "deep" / "dir" / "v1.pt"
     assert as_file.read_bytes() == payloads["1"]
 
 
 def test_set_version_tags(store, registry):
-    tracking.set_version_tags(MODEL, "1", {"promoted_by": "test", "score": 1.5})
+    set_version_tags(MODEL, "1", {"promoted_by": "test", "score": 1.5})
     tags = list_versions(MODEL)[0]["tags"]
     assert tags["promoted_by"] == "test" and tags["score"] == "1.5"
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def load_loss(reference: str, root: Path) -> tuple[dict, str | None]:
     """Load an evolved loss from a file or a registry URI; returns (loss, registry version or None)."""
     if reference.startswith("models:/"):
-        from ..tracking import download_loss, parse_model_uri, resolve_version
+        from ..registry import download_loss, parse_model_uri, resolve_version
 
         name, ref = parse_model_uri(reference)
         version = resolve_version(name, ref, root)

@@ -1,8 +1,13 @@
-"""Promotion of evolved losses in the registry: the alias moves only to a better held-out return."""
+"""Promotion in the Model Registry: an alias (``champion``) moves only to a better held-out return.
+
+The rule is the same for every registered model (evolved losses, MAML policies); ``promote_version``
+applies it through ``pipeline.registry``.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 
@@ -24,3 +29,20 @@ def decide_promotion(candidate_return: float, champion_return: float | None) -> 
     return Decision(
         False, f"held-out return {candidate_return:.4g} does not beat the champion's {champion_return:.4g}"
     )
+
+
+def promote_version(
+    model_name: str,
+    version: str,
+    alias: str,
+    candidate_return: float,
+    champion_return: float | None,
+    root: Path | None = None,
+) -> Decision:
+    """Decide by ``decide_promotion``; when it promotes, point ``alias`` of ``model_name`` at ``version``."""
+    from .. import registry
+
+    decision = decide_promotion(candidate_return, champion_return)
+    if decision.promote:
+        registry.set_alias(model_name, version, alias, root)
+    return decision

@@ -6,14 +6,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import tracking
+from .. import registry, tracking
 from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
 from ..plots import bar_plot, line_plot
 from .atari_eval import evaluate_agents
 from .epg_eval import EpgEvaluation, evaluate_loss, load_loss
-from .promotion import decide_promotion
+from .promotion import promote_version
 from .report import METHOD_LABELS, VARIANT_LABELS, render_report
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,10 @@ def discover_agents(models_dir: Path) -> dict[str, dict[str, Path]]:
 
 def current_champion(model_name: str, alias: str, root: Path) -> tuple[str, dict] | None:
     """(version, loss) holding ``alias``, or None."""
-    try:
-        version = tracking.resolve_version(model_name, alias, root)
-    except Exception:  # no registered model or no such alias yet
+    version = registry.alias_holder(model_name, alias, root)
+    if version is None:  # no registered model or no such alias yet
         return None
-    loss = torch_load(tracking.download_loss(f"models:/{model_name}/{version.version}", root))
-    return str(version.version), loss
+    return version, torch_load(registry.download_loss(f"models:/{model_name}/{version}", root))
 
 
 def stage_run_ids(metrics_dir: Path) -> dict[str, str]:
@@ -159,7 +157,7 @@ def promote(run, epg: EpgEvaluation, version: str | None, champion, cfg, model_n
             tagged = next(
                 (
                     r["tags"]
-                    for r in tracking.list_versions(model_name, root)
+                    for r in registry.list_versions(model_name, root)
                     if r["version"] == champion_version
                 ),
                 {},
@@ -177,7 +175,7 @@ def promote(run, epg: EpgEvaluation, version: str | None, champion, cfg, model_n
     if version is None:
         outcome["summary"] = "the evaluated loss is not a registry version; nothing to promote"
         return outcome
-    tracking.set_version_tags(
+    registry.set_version_tags(
         model_name,
         version,
         {"heldout_return": f"{heldout:.6g}", "ood_return": f"{ood:.6g}", "evaluate_run_id": run.run_id},
@@ -190,9 +188,7 @@ def promote(run, epg: EpgEvaluation, version: str | None, champion, cfg, model_n
         outcome["promoted"] = True
         outcome["summary"] = f"version {version} already holds alias {cfg.promotion.alias!r}"
         return outcome
-    decision = decide_promotion(heldout, champion_return)
-    if decision.promote:
-        tracking.set_alias(model_name, version, cfg.promotion.alias, root)
+    decision = promote_version(model_name, version, cfg.promotion.alias, heldout, champion_return, root)
     outcome["promoted"] = decision.promote
     verb = "moved to" if decision.promote else "stays off"
     outcome["summary"] = f"alias {cfg.promotion.alias!r} {verb} version {version}: {decision.reason}" + (
