@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,8 +33,8 @@ from pathlib import Path
 
 from . import registry, tracking
 from .config import ConfigError, ale_games, load_params
-from .profiles import apply_profile
 from .errors import EXIT_USAGE, StageStop
+from .profiles import apply_profile
 
 LOSS_TAG_COLUMNS = ("fitness", "family")
 UI_STOP_GRACE_S = 10.0

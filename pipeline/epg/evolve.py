@@ -21,8 +21,8 @@ from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import load_tasks, make_env
 from ..io import torch_load, torch_save, write_csv, write_json
 from ..plots import line_plot
-from ..seeding import derived_seed
 from ..registry import register_loss
+from ..seeding import derived_seed
 from ..stage import resumable_stage_run
 from ..tracking import git_state
 from .inner import loss_net_input_dim, policy_spec
