@@ -255,17 +255,27 @@ class Checkpointer:
             return None
         try:
             checkpoint = torch_load(path)
-            if not isinstance(checkpoint, dict) or not {self.KEY, self.RNG} <= checkpoint.keys():
-                raise ValueError("not a checkpoint of this pipeline")
+            if not isinstance(checkpoint, dict):
+                raise ValueError(f"holds a {type(checkpoint).__name__}, not a checkpoint")
         except Exception as err:  # truncated, overwritten, foreign: never block the stage for good
-            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(path, aside)
             reason = str(err).splitlines()[0] if str(err) else ""
-            log.warning(
-                "unreadable checkpoint %s (%s: %s) moved aside to %s", path, type(err).__name__, reason, aside
-            )
+            self._move_aside(path, f"unreadable: {type(err).__name__}: {reason}")
             return None
+        if not {self.KEY, self.RNG} <= checkpoint.keys():  # written by an older version of the code
+            return {self.KEY: None}
         return checkpoint
+
+    def _move_aside(self, path: Path, reason: str) -> Path:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("checkpoint %s (%s) moved aside to %s", path, reason, aside.name)
+        return aside
+
+    def discard(self, reason: str = "cannot be resumed") -> None:
+        """Move the latest and the previous checkpoint aside (kept for inspection): start over."""
+        for path in (self.path, self.previous):
+            if path.exists():
+                self._move_aside(path, reason)
 
     def save(self, state: dict) -> None:
         torch_save(self.path, {**state, self.KEY: self.key, self.RNG: rng_state()}, previous=self.previous)
