@@ -83,8 +83,10 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 
 def torch_save(target: str | os.PathLike, obj: Any, previous: str | os.PathLike | None = None) -> Path:
     """``torch.save`` atomically; the same object gives the same bytes (no time stamps, no paths)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # to a path, torch names the archive's folder after the (temporary) file
     with atomic_path(target, previous=previous) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return Path(target)
 
 

@@ -205,23 +205,25 @@ def write_params(path: Path, **metagrad) -> Path:
     return path
 
 
-def run_stage(params: Path, output_root: Path, cwd: Path) -> subprocess.CompletedProcess:
+def run_stage(
+    params: Path, output_root: Path, cwd: Path, stage: str = "metagrad", prelude: str = ""
+) -> subprocess.CompletedProcess:
+    """``python stages/<stage>.py`` in a subprocess; ``prelude`` is Python run first in the same process
+    (e.g. a patch that injects a fault)."""
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
         "PIPELINE_LOG_LEVEL": "WARNING",
-        "PIPELINE_RUN_ID": "test-metagrad",
+        "PIPELINE_RUN_ID": f"test-{stage}",
         "OMP_NUM_THREADS": "1",
     }
+    script = ROOT / "stages" / f"{stage}.py"
+    argv = [str(script), "--params", str(params), "--output-root", str(output_root)]
+    launcher = (
+        f"import runpy, sys\nsys.argv = {argv!r}\n{prelude}\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "stages" / "metagrad.py"),
-            "--params",
-            str(params),
-            "--output-root",
-            str(output_root),
-        ],
+        [sys.executable, "-c", launcher],
         cwd=cwd,  # MLflow puts the artifacts of a sqlite store under the working directory
         env=env,
         capture_output=True,

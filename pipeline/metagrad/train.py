@@ -247,12 +247,11 @@ class TrainingLoop:
                     refresh=False,
                 )
                 checkpointer.safe_point(save(done=False), due=self.updates % config.checkpoint_every == 0)
-                if (
-                    time.perf_counter() - last_log > PROGRESS_LOG_SECONDS
-                ):  # progress in logs, not only the bar
+                if time.perf_counter() - last_log > PROGRESS_LOG_SECONDS:  # in logs, not only the bar
                     last_log = time.perf_counter()
                     self.log_progress(config, stats, recent, name)
-            checkpointer.save(save(done=True)())
+            if self.actor is not None:  # else resumed from the final checkpoint: nothing new to save
+                checkpointer.save(save(done=True)())
 
     def record(self, stats: dict, returns: np.ndarray, recent: deque, tracker, config, name: str) -> None:
         history = self.history
