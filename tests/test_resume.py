@@ -152,17 +152,30 @@ def assert_same_outputs(first: Path, second: Path, stage: str) -> None:
     assert curves(first, files) == curves(second, files)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """stage -> (its Project, the output root of an uninterrupted run), run once per module."""
+    runs = {}
+
+    def get(stage: str) -> tuple[Project, Path]:
+        if stage not in runs:
+            project = Project(tmp_path_factory.mktemp(stage), stage)
+            reference = project.output_root("reference")
+            project.run(reference)
+            runs[stage] = project, reference
+        return runs[stage]
+
+    return get
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("stage", ["evolve", "metagrad"])
-def test_killed_and_terminated_stage_resumes_to_the_uninterrupted_outputs(tmp_path, stage):
+def test_killed_and_terminated_stage_resumes_to_the_uninterrupted_outputs(uninterrupted, stage):
     """One stage process after another: kill -9 between checkpoints, kill -9 inside a checkpoint write,
     SIGTERM (checkpoint, run KILLED, status 143), then a rerun that finishes: same bytes as an
     uninterrupted run, all in one MLflow run."""
     step, kill_call, _, _, checkpoint, counter = STAGES[stage]
-    project = Project(tmp_path, stage)
-    reference = project.output_root("reference")
-    project.run(reference)
-
+    project, reference = uninterrupted(stage)
     root = project.output_root("faults")
     project.run(root, call_fault(step, kill_call, "SIGKILL"), expect=SIGKILL_STATUS)  # step 4, after ckpt 2
     run_id = project.run_id(root)
@@ -188,16 +201,14 @@ def test_killed_and_terminated_stage_resumes_to_the_uninterrupted_outputs(tmp_pa
 
 
 @pytest.mark.e2e
-def test_truncated_checkpoint_falls_back_and_never_reopens_the_finished_run(tmp_path):
+def test_truncated_checkpoint_falls_back_and_never_reopens_the_finished_run(uninterrupted, tmp_path):
     """A finished evolve stage whose latest checkpoint is truncated: the rerun warns, naming the file,
     moves it aside, resumes from the previous checkpoint in a new MLflow run (the finished one, which
     registered a version, stays FINISHED) and writes the same loss file."""
-    project = Project(tmp_path, "evolve")
-    root = project.output_root("out")
-    project.run(root)
+    project, reference = uninterrupted("evolve")
+    root = tmp_path / "out"
+    shutil.copytree(reference, root)  # its run.json names the finished run of the reference
     first_run = project.run_id(root)
-    reference = tmp_path / "reference-loss.pt"
-    shutil.copy(root / "models/epg/loss.pt", reference)
     latest = root / STAGES["evolve"][4]
     latest.write_bytes(latest.read_bytes()[:100])
 
@@ -205,7 +216,7 @@ def test_truncated_checkpoint_falls_back_and_never_reopens_the_finished_run(tmp_
     warnings = [line for line in rerun.stderr.splitlines() if "moved aside" in line]
     assert len(warnings) == 1 and str(latest) in warnings[0], rerun.stderr[-3000:]
     assert [p.name for p in latest.parent.glob("evolve.pt.corrupt-*")], "the bad file is kept"
-    assert (root / "models/epg/loss.pt").read_bytes() == reference.read_bytes()
+    assert (root / "models/epg/loss.pt").read_bytes() == (reference / "models/epg/loss.pt").read_bytes()
     second_run = project.run_id(root)
     assert second_run != first_run
     assert project.run_status(first_run) == project.run_status(second_run) == "FINISHED"
