@@ -14,8 +14,9 @@ only on the actions it is sent. So the stepper keeps, per env, the seed of its l
 actions since, and ``restore`` replays them (the env's frame stack, lives and episode come back with
 them; the replayed frames are checked against the saved ones). To bound the replay, an env whose log
 has grown past ``reseed_after_steps`` is reset with a fresh seed at its next game over instead of
-ALE's unseeded auto-reset. A seeded reset reloads the ROM (about 0.1 s, all envs wait), so it is rare:
-once per ``reseed_after_steps`` agent steps of an env.
+ALE's unseeded auto-reset. A seeded reset reloads the ROM (0.09-0.11 s for one env of a 4-env Pong
+vector env on a 2-core machine; the other envs wait), so it is rare: once per ``reseed_after_steps``
+agent steps of an env. Logging the actions costs about 11 us per vector step.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class AtariStep(NamedTuple):
     finished_lengths: np.ndarray  # their lengths in frames (agent steps x frameskip, after ALE's no-ops)
 
 
-RESEED_AFTER_STEPS = 50_000  # agent steps of one env between seeded resets: the longest replay + 1 game
+RESEED_AFTER_STEPS = 100_000  # agent steps of one env between seeded resets: the longest replay + 1 game
 
 
 class ReplayMismatch(RuntimeError):
