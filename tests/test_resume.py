@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from test_metagrad_training import ROOT, run_stage
 
 from pipeline.config import PipelineConfig
 from pipeline.io import read_json, torch_load, write_json
-from pipeline.stage import Checkpointer
+from pipeline.stage import Checkpointer, stopping_on_signals
 
 SIGKILL_STATUS, SIGTERM_STATUS = -9, 143  # subprocess reports death by a signal as -signum
 
@@ -254,6 +256,29 @@ def test_checkpointer_moves_an_unreadable_checkpoint_aside(tmp_path, caplog):
     checkpointer.previous.write_bytes(b"not a checkpoint")  # both bad: start over
     assert checkpointer.restore() is None
     assert not checkpointer.previous.exists() and len(list(tmp_path.glob("*.corrupt-*"))) == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_checkpoints_at_the_next_safe_point_then_exits_128_plus_signum(tmp_path, signum):
+    checkpointer = Checkpointer(tmp_path / "loop.pt", key="k")
+    handler = signal.getsignal(signum)
+    steps = []
+    with pytest.raises(SystemExit) as stopped:
+        with stopping_on_signals(), checkpointer.deferring_stop():
+            for step in range(1, 10):
+                if step == 3:
+                    os.kill(os.getpid(), signum)  # arrives inside step 3, which still completes
+                steps.append(step)
+                checkpointer.safe_point(lambda step=step: {"step": step}, due=step % 5 == 0)
+    assert stopped.value.code == 128 + signum
+    assert steps == [1, 2, 3] and checkpointer.restore() == {"step": 3}  # off the every-5 schedule
+    assert signal.getsignal(signum) is handler
+
+    with pytest.raises(SystemExit) as stopped:  # outside a training loop: stop at once
+        with stopping_on_signals():
+            os.kill(os.getpid(), signum)
+            steps.append("after the signal")
+    assert stopped.value.code == 128 + signum and steps[-1] == 3
 
 
 def test_loss_file_is_the_same_for_the_same_phi_under_another_commit(tmp_path, monkeypatch):
