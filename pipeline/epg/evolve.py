@@ -113,7 +113,6 @@ def run_evolve(
             if problem.actors:
                 problem.kill_actors()
 
-        commit, dirty = git_state()
         loss = {
             "format_version": LOSS_FORMAT_VERSION,
             "phi": best["phi"],
@@ -129,20 +128,7 @@ def run_evolve(
         fitness_png = plot_fitness(history, plots_dir / "fitness.png")
         for path in (loss_path, fitness_csv, fitness_png):
             run.log_artifact(path, artifact_path="evolve")
-        version = register_loss(
-            run,
-            loss_path,
-            config.tracking.registered_model,
-            tags={
-                "run_id": run.run_id,
-                "family": evolve.family,
-                "fitness": f"{best['fitness']:.4f}",
-                "generation": best["generation"],
-                "git_commit": commit,
-                "git_dirty": str(dirty).lower(),
-                "params_hash": section_hash,
-            },
-        )
+        version = register_evolved_loss(config, run, loss_path, best, section_hash)
         log.info("registered %s version %s (alias candidate)", config.tracking.registered_model, version)
         last = history[-1] if history else {}
         metrics = {
@@ -161,6 +147,25 @@ def run_evolve(
         }
         write_json(metrics_path, metrics)
         return metrics
+
+
+def register_evolved_loss(config: PipelineConfig, run, loss_path: Path, best: dict, section_hash: str) -> str:
+    """A new registry version of ``loss_path``, tagged with its provenance (run, commit, params)."""
+    commit, dirty = git_state()
+    return register_loss(
+        run,
+        loss_path,
+        config.tracking.registered_model,
+        tags={
+            "run_id": run.run_id,
+            "family": config.evolve.family,
+            "fitness": f"{best['fitness']:.4f}",
+            "generation": best["generation"],
+            "git_commit": commit,
+            "git_dirty": str(dirty).lower(),
+            "params_hash": section_hash,
+        },
+    )
 
 
 def evolve_generations(
