@@ -82,6 +82,8 @@ RUN_STATE_FILE = "run.json"
 
 def resumable_run_id(checkpoint_dir: Path, section_hash: str) -> str | None:
     """The MLflow run id a killed stage left behind, if its params are the ones we run with now."""
+    from .tracking import run_status
+
     state_file = Path(checkpoint_dir) / RUN_STATE_FILE
     if not state_file.exists():
         return None
@@ -95,12 +97,6 @@ def resumable_run_id(checkpoint_dir: Path, section_hash: str) -> str | None:
         log.info("MLflow run %s of %s finished; this invocation records a new run", run_id, checkpoint_dir)
         return None
     return run_id
-
-
-def run_status(run_id: str) -> str | None:
-    from .tracking import run_status as tracked_status
-
-    return tracked_status(run_id)
 
 
 def remember_run(checkpoint_dir: Path, section_hash: str, run_id: str) -> None:

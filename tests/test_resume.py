@@ -50,13 +50,15 @@ def tiny_params(path: Path) -> Path:
 
 
 def call_fault(target: str, call: int, signal_name: str) -> str:
-    """Prelude: the ``call``-th call of ``module:Class.method`` first sends the process ``signal_name``."""
+    """Prelude: the ``call``-th call of ``module:Class.method`` first sends the process ``signal_name``
+    (call 0: never); the number of calls is printed to stderr at exit."""
     module, attribute = target.split(":")
     cls, method = attribute.split(".")
     return f"""
-import os, signal
+import atexit, os, signal, sys
 from {module} import {cls}
 _original, _calls = {cls}.{method}, [0]
+atexit.register(lambda: print(f"calls: {{_calls[0]}}", file=sys.stderr))
 def _faulty(self, *args, **kwargs):
     _calls[0] += 1
     if _calls[0] == {call}:
@@ -195,7 +197,9 @@ def test_killed_and_terminated_stage_resumes_to_the_uninterrupted_outputs(uninte
     assert project.run_status(run_id) == "KILLED"
     assert not list(folder.glob(".*.tmp")), "the write cut by kill -9 left its temporary file"
 
-    project.run(root)
+    finished = project.run(root, call_fault(step, 0, "SIGKILL"))
+    left = {"evolve": GENERATIONS, "metagrad": UPDATES}[stage] - 3
+    assert f"calls: {left}\n" in finished.stderr, "resumed from checkpoint 3, not started over"
     assert_same_outputs(reference, root, stage)
     metrics = read_json(root / "metrics" / f"{stage}.json")
     assert metrics["mlflow_run_id"] == run_id
