@@ -23,8 +23,11 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically."""
+def atomic_path(target: str | os.PathLike, suffix: str = "", previous: str | os.PathLike | None = None):
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically.
+
+    With ``previous``, the file ``target`` held until now is first renamed to ``previous``: a kill at
+    any moment leaves a complete ``target`` or a complete ``previous`` (or both) behind."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
@@ -35,6 +38,8 @@ def atomic_path(target: str | os.PathLike, suffix: str = ""):
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        if previous is not None and target.exists():
+            os.replace(target, previous)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -76,9 +81,12 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def torch_save(target: str | os.PathLike, obj: Any) -> Path:
-    with atomic_path(target) as tmp:
-        torch.save(obj, tmp)
+def torch_save(target: str | os.PathLike, obj: Any, previous: str | os.PathLike | None = None) -> Path:
+    """``torch.save`` atomically; the same object gives the same bytes (no time stamps, no paths)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # to a path, torch names the archive's folder after the (temporary) file
+    with atomic_path(target, previous=previous) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
     return Path(target)
 
 

@@ -465,6 +465,15 @@ def _is_finite(value: Any) -> bool:
     return number == number and number not in (float("inf"), float("-inf"))
 
 
+def run_status(run_id: str, root: Path | None = None) -> str | None:
+    """RUNNING, FINISHED, FAILED or KILLED; None when the store cannot tell (unknown run, no store)."""
+    try:
+        return client(root).get_run(run_id).info.status
+    except Exception as err:  # StageRun then reports a store it cannot reach, or starts a new run
+        log.debug("cannot read the status of MLflow run %s: %s", run_id, err)
+        return None
+
+
 def find_runs(filter_string: str = "", experiment: str | None = None, root: Path | None = None) -> list:
     """Search runs (all experiments unless ``experiment`` is given); newest first."""
     mlclient = client(root)

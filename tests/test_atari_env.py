@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import AtariEnvConfig, check_game
-from pipeline.envs.atari import AtariStepper, NoopStarts
+from pipeline.envs.atari import AtariStepper, NoopStarts, ReplayMismatch
 
 # One C++ worker thread per vector env: the tests are small, and the machine may be busy.
 ENV = AtariEnvConfig(env_threads=1)
@@ -127,6 +127,52 @@ def test_same_seed_same_frames(make_stepper):
     actions = np.array([2, 3])
     for _ in range(5):
         np.testing.assert_array_equal(first.step(actions).obs, second.step(actions).obs)
+
+
+def play(stepper: AtariStepper, actions: np.ndarray) -> list:
+    """Step through ``actions`` [steps, N]; every field of every step, for exact comparison."""
+    return [stepper.step(row) for row in actions]
+
+
+def assert_same_steps(first: list, second: list) -> None:
+    assert len(first) == len(second)
+    for step, (a, b) in enumerate(zip(first, second, strict=True)):
+        for name in a._fields:
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{name}, step {step}")
+
+
+@pytest.mark.parametrize("game", ["breakout", "space_invaders"])
+def test_restored_stepper_continues_exactly_as_the_original(make_stepper, game):
+    """state() / restore(): a fresh stepper continues bit for bit, across auto-resets and seeded
+    resets (short games and a short reseed interval make both happen within a few hundred steps).
+    Breakout and Space Invaders are games whose unseeded resets depend on the emulator's history."""
+    options = dict(max_episode_frames=240, reseed_after_steps=90, seed=5)
+    original = make_stepper(game, 3, **options)
+    original.reset()
+    rng = np.random.default_rng(0)
+    before, after = (rng.integers(0, original.num_actions, size=(n, 3)) for n in (230, 150))
+    play(original, before)
+    assert original._reseeds.sum() >= 3, "the test needs seeded resets before the snapshot"
+    assert (original._segment_start > 0).any() and len(original._log) < 230, "the log is trimmed"
+    state = original.state()
+    expected = play(original, after)
+
+    restored = make_stepper(game, 3, **options)
+    obs = restored.restore(state)
+    np.testing.assert_array_equal(obs, state["obs"])
+    assert restored.frames == state["frames"]
+    assert_same_steps(play(restored, after), expected)
+    assert any(len(step.finished_returns) for step in expected), "games end after the restore"
+
+
+def test_restore_refuses_frames_it_cannot_reproduce(make_stepper):
+    original = make_stepper("breakout", 2)
+    original.reset()
+    play(original, np.random.default_rng(1).integers(0, original.num_actions, size=(60, 2)))
+    state = original.state()
+    state["actions"] = np.roll(state["actions"], 1, axis=0)  # not the actions that made the frames
+    with pytest.raises(ReplayMismatch, match="did not reproduce"):
+        make_stepper("breakout", 2).restore(state)
 
 
 # --------------------------------------------------------------------------------------------- NoopStarts

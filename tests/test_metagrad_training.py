@@ -134,20 +134,21 @@ def train_until_killed_in_update_3(config: MetagradConfig, checkpoint: Path, mon
     return torch_load(checkpoint)
 
 
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    config = training_config(frames=3 * FRAMES_PER_UPDATE)
+def test_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(trained, tmp_path, monkeypatch):
+    """Killed in update 3, resumed from the update-2 checkpoint: learner, eta curve and episodes are
+    bit for bit those of the uninterrupted run (emulators, RNGs and the pending meta step restored)."""
     checkpoint = tmp_path / "pong_gamma_lambda.pt"
-    state = train_until_killed_in_update_3(config, checkpoint, monkeypatch)  # written after update 2
+    state = train_until_killed_in_update_3(trained.config, checkpoint, monkeypatch)  # written after 2
     assert (state["updates"], state["frames"], state["done"]) == (2, 2 * FRAMES_PER_UPDATE, False)
-    saved = state["history"]
+    assert state["learner"]["pending"] is not None, "the meta step of update 3 needs update 2's inputs"
 
-    result, _ = train_variant(config, "pong", "gamma_lambda", 0, checkpoint)
-    assert (result.updates, result.frames) == (3, 3 * FRAMES_PER_UPDATE)
-    assert result.history.update_frames == [FRAMES_PER_UPDATE * k for k in range(1, 4)]
-    # the earlier entries survive the resume
-    assert result.history.gammas[:2] == saved["gammas"]
-    assert result.history.lambdas[:2] == saved["lambdas"]
-    assert len(result.history.gammas) == 3
+    result, learner = train_variant(trained.config, "pong", "gamma_lambda", 0, checkpoint)
+    assert (result.updates, result.frames) == (4, 4 * FRAMES_PER_UPDATE)
+    assert result.history == trained.result.history
+    assert "meta/grad_gamma_logit" in str(trained.tracker.metrics[2][1])  # update 3 took a meta step
+    torch.testing.assert_close(learner.eta_logits, trained.learner.eta_logits, rtol=0, atol=0)
+    for (name, p), q in zip(learner.net.named_parameters(), trained.learner.net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
 def start_of_training(config: MetagradConfig, checkpoint: Path, monkeypatch) -> bool:
@@ -198,23 +199,25 @@ def write_params(path: Path, **metagrad) -> Path:
     return path
 
 
-def run_stage(params: Path, output_root: Path, cwd: Path) -> subprocess.CompletedProcess:
+def run_stage(
+    params: Path, output_root: Path, cwd: Path, stage: str = "metagrad", prelude: str = ""
+) -> subprocess.CompletedProcess:
+    """``python stages/<stage>.py`` in a subprocess; ``prelude`` is Python run first in the same process
+    (e.g. a patch that injects a fault)."""
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
         "PIPELINE_LOG_LEVEL": "WARNING",
-        "PIPELINE_RUN_ID": "test-metagrad",
+        "PIPELINE_RUN_ID": f"test-{stage}",
         "OMP_NUM_THREADS": "1",
     }
+    script = ROOT / "stages" / f"{stage}.py"
+    argv = [str(script), "--params", str(params), "--output-root", str(output_root)]
+    launcher = (
+        f"import runpy, sys\nsys.argv = {argv!r}\n{prelude}\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "stages" / "metagrad.py"),
-            "--params",
-            str(params),
-            "--output-root",
-            str(output_root),
-        ],
+        [sys.executable, "-c", launcher],
         cwd=cwd,  # MLflow puts the artifacts of a sqlite store under the working directory
         env=env,
         capture_output=True,

@@ -486,6 +486,9 @@ class MetaGradientLearner:
             "scheduler": self.scheduler.state_dict(),
             "eta_logits": self.eta_logits.detach().clone(),
             "meta_optimizer": self.meta_optimizer.state_dict() if self.meta_optimizer else None,
+            # The next update's meta step needs the last inner step's inputs: without them a resumed
+            # run would skip one meta step. Naive mode keeps an autograd graph, which cannot be saved.
+            "pending": None if self._pending is None or "new_params" in self._pending else self._pending,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -496,4 +499,12 @@ class MetaGradientLearner:
             self.eta_logits.copy_(state["eta_logits"])
         if self.meta_optimizer is not None and state["meta_optimizer"] is not None:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        self._pending = None
+        pending = state.get("pending")
+        self._pending = None if pending is None else _to_device(pending, self.device)
+
+
+def _to_device(tree, device: torch.device):
+    """Tensors of nested dicts and rollouts moved to ``device`` (checkpoints are loaded on the CPU)."""
+    if isinstance(tree, dict):
+        return {key: _to_device(value, device) for key, value in tree.items()}
+    return tree.to(device)

@@ -1,8 +1,9 @@
 """Training loop of the metagrad stage: synchronous batched actor-learner on N Atari envs.
 
 Per update: the actor unrolls T steps in all N envs with the current policy, then the learner takes
-one (meta-)update on that rollout. Every ``checkpoint_every`` updates the whole training state goes to
-a persistent checkpoint, so a killed stage resumes where it stopped and keeps its MLflow run.
+one (meta-)update on that rollout. Every ``checkpoint_every`` updates the whole training state (learner,
+RNGs, emulators, curves) goes to a persistent checkpoint (``stage.Checkpointer``), so a killed stage
+resumes where it stopped, keeps its MLflow run and ends with the same model as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from tqdm import tqdm
 
 from ..config import MetagradConfig, params_hash
 from ..devices import resolve_device
-from ..envs.atari import AtariStepper
-from ..io import torch_load, torch_save
-from ..stage import code_fingerprint
+from ..envs.atari import AtariStepper, ReplayMismatch
+from ..io import torch_save
+from ..stage import Checkpointer, code_fingerprint
 from .learner import MetaGradientLearner, Rollout
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,14 @@ def limit_cpu_threads_for(device: torch.device) -> None:
 class Actor:
     """Unrolls the current policy in a vector env and records a time-major rollout."""
 
-    def __init__(self, stepper: AtariStepper, unroll: int, device: torch.device):
+    def __init__(
+        self, stepper: AtariStepper, unroll: int, device: torch.device, obs: np.ndarray | None = None
+    ):
+        """``obs``: the envs' current frames (a restored stepper); by default the envs are reset."""
         self.stepper = stepper
         self.unroll = unroll
         self.device = device
-        self.obs = torch.from_numpy(stepper.reset())
+        self.obs = torch.from_numpy(stepper.reset() if obs is None else obs)
 
     def collect(self, learner: MetaGradientLearner) -> tuple[Rollout, np.ndarray, np.ndarray]:
         steps, batch = self.unroll, self.stepper.num_envs
@@ -101,21 +105,6 @@ class VariantResult:
     history: History
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():  # actions are sampled on the GPU when the learner runs there
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def train_variant(
     config: MetagradConfig,
     game: str,
@@ -124,127 +113,171 @@ def train_variant(
     checkpoint_path: Path,
     tracker=None,
 ) -> tuple[VariantResult, MetaGradientLearner]:
-    """Train one variant on one game for ``config.frames`` frames, resuming from ``checkpoint_path``."""
+    """Train one variant on one game for ``config.frames`` frames, resuming from ``checkpoint_path``.
+
+    The checkpoint holds the learner (with a pending meta step), the RNGs and the emulators (see
+    ``AtariStepper.state``): a resumed run is bit for bit the uninterrupted one."""
     device = resolve_device(config.device, "metagrad.device")
-    frames_per_update = config.num_envs * config.unroll * config.env.frameskip
-    total_updates = max(1, -(-config.frames // frames_per_update))
-    config_hash = params_hash(
+    key = params_hash(
         {"metagrad": config.model_dump(mode="json"), "seed": seed, "game": game, "code": code_fingerprint()}
     )
-
+    checkpointer = Checkpointer(checkpoint_path, key)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     stepper = AtariStepper(game, config.num_envs, config.env, seed=seed, reward_clip=config.reward_clip)
-    learner = MetaGradientLearner(config, variant, stepper.num_actions, total_updates, device)
-    history, updates, frames, elapsed = History(), 0, 0, 0.0
-
-    if checkpoint_path.exists():
-        state = torch_load(checkpoint_path)
-        if state.get("config_hash") == config_hash:
-            learner.load_state_dict(state["learner"])
-            history, updates, frames = History(**state["history"]), state["updates"], state["frames"]
-            elapsed = state.get("elapsed", 0.0)
-            set_rng_state(state["rng"])
-            log.info("%s/%s: resumed from %s at %d frames", game, variant, checkpoint_path, frames)
-        else:
-            log.info("%s/%s: checkpoint is for other params; starting over", game, variant)
-
-    def save_checkpoint(done: bool) -> None:
-        torch_save(
-            checkpoint_path,
-            {
-                "config_hash": config_hash,
-                "learner": learner.state_dict(),
-                "history": history.__dict__,
-                "updates": updates,
-                "frames": frames,
-                "elapsed": elapsed,
-                "rng": rng_state(),
-                "done": done,
-            },
-        )
-        if tracker is not None:
-            tracker.flush_metrics()
-
-    prefix = f"{game}.{variant}"
-    actor = Actor(stepper, config.unroll, device) if frames < config.frames else None
-    recent = deque(history.episode_returns[-10:], maxlen=10)
-    progress = tqdm(
-        total=config.frames,
-        initial=frames,
-        unit="frame",
-        unit_scale=True,
-        desc=f"{game}/{variant}",
-        mininterval=2.0,
-        disable=None,
-    )
-    start = time.perf_counter() - elapsed
-    last_log = time.perf_counter()
     try:
-        while frames < config.frames:
-            rollout, returns, _lengths = actor.collect(learner)
-            stats = learner.update(rollout)
-            updates += 1
-            frames += frames_per_update
-            elapsed = time.perf_counter() - start
-            for value in returns:
-                history.episode_frames.append(frames)
-                history.episode_returns.append(float(value))
-                recent.append(float(value))
-            history.update_frames.append(frames)
-            history.gammas.append(stats["gamma"])
-            history.lambdas.append(stats["lambda"])
-            fps = frames / max(elapsed, 1e-9)
-            if tracker is not None:
-                metrics = {f"{prefix}.{k}": v for k, v in stats.items()}
-                metrics[f"{prefix}.frames_per_second"] = fps
-                if len(returns):
-                    metrics[f"{prefix}.episode_return"] = float(np.mean(returns))
-                tracker.queue_metrics(metrics, step=frames)
-                if updates % config.log_every == 0:
-                    tracker.flush_metrics()
-            progress.update(frames_per_update)
-            progress.set_postfix(
-                fps=f"{fps:.0f}",
-                ret=f"{np.mean(recent):.1f}" if recent else "-",
-                gamma=f"{stats['gamma']:.4f}",
-                lam=f"{stats['lambda']:.3f}",
-                refresh=False,
-            )
-            if updates % config.checkpoint_every == 0:
-                save_checkpoint(done=False)
-            if time.perf_counter() - last_log > PROGRESS_LOG_SECONDS:  # progress in logs, not only the bar
-                last_log = time.perf_counter()
-                log.info(
-                    "%s/%s: %d/%d frames, %.0f frames/s, last-10 return %s, gamma %.4f, lambda %.4f",
-                    game,
-                    variant,
-                    frames,
-                    config.frames,
-                    fps,
-                    f"{np.mean(recent):.1f}" if recent else "-",
-                    stats["gamma"],
-                    stats["lambda"],
-                )
-        save_checkpoint(done=True)
+        learner, loop = resume(config, variant, stepper, checkpointer, device)
+    except ReplayMismatch as err:
+        stepper.close()
+        log.warning("%s/%s: %s; starting over", game, variant, err)
+        checkpointer.discard(reason="its emulators cannot be replayed")
+        return train_variant(config, game, variant, seed, checkpoint_path, tracker)
+    try:
+        loop.run(config, learner, checkpointer, tracker, f"{game}/{variant}")
     finally:
-        progress.close()
         stepper.close()
 
     eta = learner.eta().detach().cpu()
+    history = loop.history
     return VariantResult(
         game=game,
         variant=variant,
-        frames=frames,
-        updates=updates,
+        frames=loop.frames,
+        updates=loop.updates,
         episodes=len(history.episode_returns),
         final_return=float(np.mean(history.episode_returns[-10:])) if history.episode_returns else None,
         gamma=float(eta[0]),
         lambda_=float(eta[1]),
-        frames_per_second=frames / max(elapsed, 1e-9),
+        frames_per_second=loop.frames / max(loop.elapsed, 1e-9),
         history=history,
     ), learner
+
+
+def resume(
+    config: MetagradConfig, variant: str, stepper: AtariStepper, checkpointer: Checkpointer, device
+) -> tuple[MetaGradientLearner, TrainingLoop]:
+    """A learner and a loop as the checkpoint left them (RNGs and emulators too), else fresh ones."""
+    frames_per_update = config.num_envs * config.unroll * config.env.frameskip
+    total_updates = max(1, -(-config.frames // frames_per_update))
+    learner = MetaGradientLearner(config, variant, stepper.num_actions, total_updates, device)
+    loop = TrainingLoop(stepper, frames_per_update)
+    state = checkpointer.restore()
+    if state is None:
+        loop.actor = Actor(stepper, config.unroll, device) if config.frames > 0 else None
+        return learner, loop
+    learner.load_state_dict(state["learner"])
+    if learner.learned and config.meta.grad_mode == "naive" and state["learner"].get("pending") is None:
+        log.warning(
+            "naive meta-gradients keep an autograd graph that is not checkpointed: the meta step "
+            "pending at %s is skipped, so this run differs from an uninterrupted one",
+            checkpointer.path,
+        )
+    loop.history, loop.updates = History(**state["history"]), state["updates"]
+    loop.frames, loop.elapsed = state["frames"], state["elapsed"]
+    if loop.frames < config.frames:
+        loop.actor = Actor(stepper, config.unroll, device, obs=stepper.restore(state["env"]))
+    log.info("%s: resumed from %s at %d frames", variant, checkpointer.path, loop.frames)
+    return learner, loop
+
+
+@dataclass
+class TrainingLoop:
+    """Counters and curves of one variant's training, and the loop that advances them."""
+
+    stepper: AtariStepper
+    frames_per_update: int
+    actor: Actor | None = None
+    history: History = field(default_factory=History)
+    updates: int = 0
+    frames: int = 0
+    elapsed: float = 0.0  # seconds of training, summed over resumes
+
+    def snapshot(self, learner: MetaGradientLearner, done: bool) -> dict:
+        return {
+            "learner": learner.state_dict(),
+            "history": self.history.__dict__,
+            "updates": self.updates,
+            "frames": self.frames,
+            "elapsed": self.elapsed,
+            "done": done,
+            "env": None if done else self.stepper.state(),
+        }
+
+    def run(self, config: MetagradConfig, learner, checkpointer: Checkpointer, tracker, name: str) -> None:
+        def save(done: bool):
+            def state() -> dict:
+                if tracker is not None:
+                    tracker.flush_metrics()
+                return self.snapshot(learner, done)
+
+            return state
+
+        recent = deque(self.history.episode_returns[-10:], maxlen=10)
+        progress = tqdm(
+            total=config.frames,
+            initial=self.frames,
+            unit="frame",
+            unit_scale=True,
+            desc=name,
+            mininterval=2.0,
+            disable=None,
+        )
+        start = time.perf_counter() - self.elapsed
+        last_log = time.perf_counter()
+        with checkpointer.deferring_stop(), progress:
+            while self.frames < config.frames:
+                rollout, returns, _lengths = self.actor.collect(learner)
+                stats = learner.update(rollout)
+                self.updates += 1
+                self.frames += self.frames_per_update
+                self.elapsed = time.perf_counter() - start
+                self.record(stats, returns, recent, tracker, config, name)
+                progress.update(self.frames_per_update)
+                progress.set_postfix(
+                    fps=f"{self.frames / max(self.elapsed, 1e-9):.0f}",
+                    ret=f"{np.mean(recent):.1f}" if recent else "-",
+                    gamma=f"{stats['gamma']:.4f}",
+                    lam=f"{stats['lambda']:.3f}",
+                    refresh=False,
+                )
+                checkpointer.safe_point(save(done=False), due=self.updates % config.checkpoint_every == 0)
+                if time.perf_counter() - last_log > PROGRESS_LOG_SECONDS:  # in logs, not only the bar
+                    last_log = time.perf_counter()
+                    self.log_progress(config, stats, recent, name)
+            if self.actor is not None:  # else resumed from the final checkpoint: nothing new to save
+                checkpointer.save(save(done=True)())
+
+    def record(self, stats: dict, returns: np.ndarray, recent: deque, tracker, config, name: str) -> None:
+        history = self.history
+        for value in returns:
+            history.episode_frames.append(self.frames)
+            history.episode_returns.append(float(value))
+            recent.append(float(value))
+        history.update_frames.append(self.frames)
+        history.gammas.append(stats["gamma"])
+        history.lambdas.append(stats["lambda"])
+        if tracker is not None:
+            prefix = name.replace("/", ".")
+            metrics = {f"{prefix}.{k}": v for k, v in stats.items()}
+            metrics[f"{prefix}.frames_per_second"] = self.frames / max(self.elapsed, 1e-9)
+            if len(returns):
+                metrics[f"{prefix}.episode_return"] = float(np.mean(returns))
+            tracker.queue_metrics(metrics, step=self.frames)
+            if self.updates % config.log_every == 0:
+                tracker.flush_metrics()
+
+    def log_progress(self, config: MetagradConfig, stats: dict, recent: deque, name: str) -> None:
+        log.info(
+            "%s: %d/%d frames, %.0f frames/s, last-10 return %s, gamma %.4f, lambda %.4f",
+            name,
+            self.frames,
+            config.frames,
+            self.frames / max(self.elapsed, 1e-9),
+            f"{np.mean(recent):.1f}" if recent else "-",
+            stats["gamma"],
+            stats["lambda"],
+        )
 
 
 def export_model(
