@@ -75,13 +75,20 @@ def play_episodes(
 
 
 def evaluate_agents(
-    model_paths: dict[str, dict[str, Path]],
+    model_paths: dict[str, dict[str, dict[int, Path]]],
     scores_table: dict,
     config: AtariEvalConfig,
     seed: int,
     confidence: float,
 ) -> dict:
-    """``model_paths[game][variant]`` -> raw scores, HNS per game and variant, median/mean HNS."""
+    """``model_paths[game][variant][training seed]`` -> scores per cell, per (game, variant) over seeds,
+    paired differences with the baseline, and the median HNS over games per variant.
+
+    Every agent plays the same seeded episodes (``seed``): variants and training seeds are compared on
+    common random numbers. Per (game, variant): mean raw score and HNS over training seeds with
+    Student-t CIs over seeds; per variant other than ``impala``: the paired difference variant − impala
+    of the per-seed mean scores, over the seeds both have.
+    """
     per_game: dict[str, dict] = {}
     hns_by_variant: dict[str, dict[str, float]] = {}
     for game, variants in model_paths.items():
@@ -89,27 +96,77 @@ def evaluate_agents(
             raise ValueError(f"no random/human scores for {game!r} in the Atari-57 table")
         reference = scores_table["games"][game]
         per_game[game] = {}
-        for variant, path in variants.items():
-            net, eta, checkpoint = load_agent(path)
-            env_config = AtariEnvConfig(**checkpoint["metagrad_config"]["env"])  # as the agent was trained
-            log.info("%s/%s: %d no-op episodes", game, variant, config.episodes)
-            played = play_episodes(net, eta, game, config, env_config, seed)
-            interval = mean_ci(played["scores"], confidence)
-            hns = human_normalized(interval.mean, reference["random"], reference["human"])
-            per_game[game][variant] = {
-                "mean_score": interval.mean,
-                "ci_low": interval.low,
-                "ci_high": interval.high,
-                "hns": hns,
-                "train_frames": checkpoint["frames"],
-                "gamma": float(eta[0]),
-                "lambda": float(eta[1]),
-                **played,
+        for variant, seeds in variants.items():
+            cells = {
+                train_seed: score_agent(path, game, config, seed, confidence, reference)
+                for train_seed, path in seeds.items()
             }
-            hns_by_variant.setdefault(variant, {})[game] = hns
+            per_game[game][variant] = summarize_seeds(cells, confidence)
+            hns_by_variant.setdefault(variant, {})[game] = per_game[game][variant]["hns"]
+        baseline = per_game[game].get("impala")
+        for variant, row in per_game[game].items():
+            if baseline is not None and variant != "impala":
+                row["diff_vs_impala"] = paired_difference(row["seeds"], baseline["seeds"], confidence)
     return {
         "games": per_game,
         "reference_scores": {game: scores_table["games"][game] for game in per_game},
         "hns": {variant: aggregate_hns(values) for variant, values in hns_by_variant.items()},
         "paper_median_hns_percent": PAPER_MEDIAN_HNS,
+        "confidence": confidence,
+    }
+
+
+def score_agent(
+    path: Path, game: str, config: AtariEvalConfig, seed: int, confidence: float, reference: dict
+) -> dict:
+    """One cell's agent: its no-op-start episodes, mean raw score with a CI over episodes, HNS."""
+    net, eta, checkpoint = load_agent(path)
+    env_config = AtariEnvConfig(**checkpoint["metagrad_config"]["env"])  # as the agent was trained
+    log.info("%s: %d no-op episodes", path, config.episodes)
+    played = play_episodes(net, eta, game, config, env_config, seed)
+    interval = mean_ci(played["scores"], confidence)
+    return {
+        "mean_score": interval.mean,
+        "ci_low": interval.low,
+        "ci_high": interval.high,
+        "hns": human_normalized(interval.mean, reference["random"], reference["human"]),
+        "train_frames": checkpoint["frames"],
+        "gamma": float(eta[0]),
+        "lambda": float(eta[1]),
+        **played,
+    }
+
+
+def summarize_seeds(cells: dict[int, dict], confidence: float) -> dict:
+    """Mean raw score and HNS over training seeds, each with its CI over seeds; the cells under "seeds"."""
+    ordered = dict(sorted(cells.items()))
+    score = mean_ci([c["mean_score"] for c in ordered.values()], confidence)
+    hns = mean_ci([c["hns"] for c in ordered.values()], confidence)
+    return {
+        "mean_score": score.mean,
+        "ci_low": score.low,
+        "ci_high": score.high,
+        "hns": hns.mean,
+        "hns_ci_low": hns.low,
+        "hns_ci_high": hns.high,
+        "num_seeds": len(ordered),
+        "episodes": sum(len(c["scores"]) for c in ordered.values()),
+        "train_frames": min(c["train_frames"] for c in ordered.values()),
+        "gamma": float(np.mean([c["gamma"] for c in ordered.values()])),
+        "lambda": float(np.mean([c["lambda"] for c in ordered.values()])),
+        "seeds": {str(k): c for k, c in ordered.items()},
+    }
+
+
+def paired_difference(cells: dict[str, dict], baseline: dict[str, dict], confidence: float) -> dict:
+    """Mean over shared training seeds of (cell score − baseline score), with its Student-t CI."""
+    shared = [k for k in cells if k in baseline]
+    diffs = {k: cells[k]["mean_score"] - baseline[k]["mean_score"] for k in shared}
+    interval = mean_ci(diffs.values(), confidence)
+    return {
+        "mean": interval.mean,
+        "ci_low": interval.low,
+        "ci_high": interval.high,
+        "seeds": len(shared),
+        "per_seed": diffs,
     }

@@ -172,7 +172,6 @@ def train_variant(
         if tracker is not None:
             tracker.flush_metrics()
 
-    prefix = f"{game}.{variant}"
     actor = Actor(stepper, config.unroll, device) if frames < config.frames else None
     recent = deque(history.episode_returns[-10:], maxlen=10)
     progress = tqdm(
@@ -201,11 +200,10 @@ def train_variant(
             history.gammas.append(stats["gamma"])
             history.lambdas.append(stats["lambda"])
             fps = frames / max(elapsed, 1e-9)
-            if tracker is not None:
-                metrics = {f"{prefix}.{k}": v for k, v in stats.items()}
-                metrics[f"{prefix}.frames_per_second"] = fps
+            if tracker is not None:  # the cell's own run: one metric name per quantity across cells
+                metrics = {**stats, "frames_per_second": fps}
                 if len(returns):
-                    metrics[f"{prefix}.episode_return"] = float(np.mean(returns))
+                    metrics["episode_return"] = float(np.mean(returns))
                 tracker.queue_metrics(metrics, step=frames)
                 if updates % config.log_every == 0:
                     tracker.flush_metrics()
