@@ -189,7 +189,7 @@ def _run_on_ray(config, cells, checkpoint_root, open_cell_run, on_done) -> list[
     with ray_session(local_cpus) as ray:
         from ray.util.queue import Queue
 
-        queue = Queue()
+        queue = Queue(actor_options={"num_cpus": 0})  # takes no CPU from the cells
         task = ray.remote(_remote_cell).options(
             num_cpus=ray_config.cpus_per_cell,
             num_gpus=ray_config.gpus_per_cell,
