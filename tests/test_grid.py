@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -259,10 +260,19 @@ def test_seed_band_over_curves_with_their_own_frames():
 
 
 # --------------------------------------------------------------------------------------------- Ray cluster
+# A throwaway cluster on loopback: no token (a token file left by another local Ray would not match).
+LOOPBACK_CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def accepts_connections(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def start_node(temp_dir: str, head_port: int, head: bool) -> subprocess.Popen:
@@ -291,10 +301,10 @@ def start_node(temp_dir: str, head_port: int, head: bool) -> subprocess.Popen:
             "--temp-dir",
             temp_dir,
         ]
-        command += ["--ray-client-server-port", str(free_port())]
     else:
         command += ["--address", f"127.0.0.1:{head_port}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.update(LOOPBACK_CLUSTER_ENV)
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -319,22 +329,18 @@ def stop_node(node: subprocess.Popen) -> None:
 def two_node_cluster(monkeypatch):
     """A head and a second node on 127.0.0.1, joined by RAY_ADDRESS; stopped (only these) afterwards."""
     ray = pytest.importorskip("ray")
+    for name, value in LOOPBACK_CLUSTER_ENV.items():
+        monkeypatch.setenv(name, value)
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     nodes = [start_node(temp_dir, port, head=True)]
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 120
-        while True:  # the head must accept connections before the second node joins
-            try:
-                ray.init(
-                    address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
-                )
-                break
-            except Exception:
-                if time.monotonic() > deadline or nodes[0].poll() is not None:
-                    raise
-                time.sleep(1)
+        while not accepts_connections(port):  # the head's GCS is up before anyone joins
+            assert time.monotonic() < deadline and nodes[0].poll() is None, "Ray head did not start"
+            time.sleep(0.5)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         nodes.append(start_node(temp_dir, port, head=False))
         while sum(node["Alive"] for node in ray.nodes()) < 2:
             assert time.monotonic() < deadline and nodes[1].poll() is None, "second Ray node did not join"
@@ -345,6 +351,7 @@ def two_node_cluster(monkeypatch):
         ray.shutdown()
         for node in reversed(nodes):
             stop_node(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def cluster_params(tmp_path: Path) -> Path:
