@@ -252,6 +252,48 @@ def test_agents_are_discovered_per_game_variant_and_seed(tmp_path):
     }
 
 
+def test_evaluate_scores_every_cell_and_plots_a_band_per_variant(serial_grid, tmp_path):
+    """The grid's 4 agents, played and summarised as the evaluate stage does: per game and variant
+    over seeds, the paired difference with {}, the median HNS, per-seed rows; plots with seed bands."""
+    from pipeline.config import AtariEvalConfig
+    from pipeline.evaluation.atari_eval import evaluate_agents
+    from pipeline.evaluation.run import EvaluatePaths, summary_metrics, write_atari_plots
+    from pipeline.metagrad.grid import write_model
+    from pipeline.metagrad.run import write_curves
+    from pipeline.prepare import atari_score_table
+
+    paths = EvaluatePaths.under(tmp_path)
+    histories: dict = {}
+    for outcome in serial_grid["outcomes"].values():
+        write_model(outcome, paths.metagrad_models)
+        cell = outcome.cell
+        histories.setdefault(cell.game, {}).setdefault(cell.variant, {})[cell.seed] = outcome.result.history
+    write_curves(histories, paths.plots_dir / "metagrad")
+    config = AtariEvalConfig(episodes=2, max_episode_frames=400)
+    atari = evaluate_agents(discover_agents(paths.metagrad_models), atari_score_table(), config, 0, 0.95)
+    pong = atari["games"]["pong"]
+    assert list(pong) == ["impala", "gamma_lambda"]
+    for row in pong.values():
+        per_seed = [cell["mean_score"] for cell in row["seeds"].values()]
+        assert list(row["seeds"]) == ["0", "1"] and row["num_seeds"] == 2
+        assert row["mean_score"] == pytest.approx(sum(per_seed) / 2)
+        assert row["ci_low"] <= row["mean_score"] <= row["ci_high"]
+        assert row["hns"] == pytest.approx((row["mean_score"] + 20.7) / (14.6 + 20.7))
+    diff = pong["gamma_lambda"]["diff_vs_impala"]
+    assert diff["mean"] == pytest.approx(pong["gamma_lambda"]["mean_score"] - pong["impala"]["mean_score"])
+    assert atari["hns"]["gamma_lambda"]["median"] == pytest.approx(pong["gamma_lambda"]["hns"])
+    metrics = summary_metrics({"epg": {"splits": {}}, "atari": atari, "promotion": {}}, "run")
+    assert metrics["atari"]["pong"]["gamma_lambda"]["diff_vs_impala"]["mean"] == diff["mean"]
+    figures = write_atari_plots(atari, paths)
+    assert set(figures) == {
+        "Human-normalised score per game and variant",
+        "pong: return during training",
+        "pong: gamma during training",
+        "pong: lambda during training",
+    }
+    assert all(path.stat().st_size > 0 for path in figures.values())
+
+
 def test_seed_band_over_curves_with_their_own_frames():
     x, mean, low, high = seed_band([([0, 10], [0.0, 10.0]), ([0, 5, 10], [2.0, 2.0, 2.0])], points=3)
     assert x == [0.0, 5.0, 10.0]
@@ -407,36 +449,35 @@ def test_grid_on_a_two_node_cluster_equals_the_serial_run(
             assert [tags["game"], tags["variant"], "seed" + tags["seed"]] == key.split("/")
 
 
-def cell_workers(nodes: list[subprocess.Popen]) -> list:
-    """The worker processes of our cluster that are running a cell (process title ray::metagrad_cell)."""
+def cell_worker(nodes: list[subprocess.Popen], cell: Cell):
+    """The worker process of our cluster running ``cell`` (process title ray::metagrad_cell <cell>)."""
     import psutil
 
     ours = {node.pid for node in nodes}
-    found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::metagrad_cell"):
+        if cmdline and cmdline[0] == f"ray::metagrad_cell {cell.key}":
             if any(parent.pid in ours for parent in process.parents()):
-                found.append(process)
-    return found
+                return process
+    return None
 
 
-def kill_a_cell_worker_mid_run(checkpoints: Path, first_cells: list[Cell], nodes, killed: list) -> None:
-    """Once the first two cells have checkpointed mid-run, SIGKILL one of the workers running them."""
+def kill_cell_worker_mid_run(checkpoints: Path, cell: Cell, total_frames: int, nodes, killed: list) -> None:
+    """Once ``cell`` has checkpointed mid-run, SIGKILL the worker process running it."""
+    path = cell.path_under(checkpoints)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not killed:
-        paths = [cell.path_under(checkpoints) for cell in first_cells]
-        try:
-            states = [torch_load(p) for p in paths if p.exists()]
-        except Exception:  # a checkpoint being replaced: look again
-            states = []
-        if len(states) == len(paths) and not any(state["done"] for state in states):
-            workers = cell_workers(nodes)
-            if workers:
-                workers[0].send_signal(signal.SIGKILL)
-                killed.append(workers[0].pid)
-                return
-        time.sleep(0.05)
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                frames = torch_load(path)["frames"]
+            except Exception:  # a checkpoint being replaced: look again
+                continue
+            worker = cell_worker(nodes, cell)
+            if 0 < frames < total_frames and worker is not None:
+                worker.send_signal(signal.SIGKILL)
+                killed.append(frames)
+            return
+        time.sleep(0.02)
 
 
 @pytest.mark.ray
@@ -444,33 +485,33 @@ def kill_a_cell_worker_mid_run(checkpoints: Path, first_cells: list[Cell], nodes
 def test_grid_completes_from_the_checkpoint_of_a_killed_cell(two_node_cluster, tmp_path):
     """A cell's worker process dies mid-run: Ray retries the cell, it resumes from its checkpoint and the
     grid completes with every update of every cell in its history and its metrics."""
-    config = tiny_config(frames=30 * 40, ray={"concurrent_cells": 2, "max_retries": 2})
+    updates = 40
+    config = tiny_config(frames=updates * 40, ray={"concurrent_cells": 2, "max_retries": 2})
     cells = grid_cells(config)
+    target = cells[2]  # gamma_lambda, seed 0: its gamma and lambda move every update
     killed: list[int] = []
     killer = threading.Thread(
-        target=kill_a_cell_worker_mid_run,
-        args=(tmp_path, cells[:2], two_node_cluster["nodes"], killed),
+        target=kill_cell_worker_mid_run,
+        args=(tmp_path, target, config.frames, two_node_cluster["nodes"], killed),
         daemon=True,
     )
     killer.start()
     outcomes, logged = run_tiny_grid(config, tmp_path)
     killer.join(timeout=5)
-    assert killed, "no cell worker was killed"
-    resumed = [o for o in outcomes.values() if o.resumed_at_frames]
-    assert len(resumed) == 1 and resumed[0].cell in cells[:2], [
-        o.resumed_at_frames for o in outcomes.values()
-    ]
-    every_update = [40 * k for k in range(1, 31)]
+    assert killed, "the cell's worker was not killed mid-run"
+    resumed = outcomes[target.key]
+    assert resumed.resumed_at_frames >= killed[0] > 0  # retried from the checkpoint it died after
+    assert [o.resumed_at_frames for k, o in outcomes.items() if k != target.key] == [0, 0, 0]
+    every_update = [40 * k for k in range(1, updates + 1)]
     for key, outcome in outcomes.items():
         history = outcome.result.history
-        assert (outcome.result.frames, history.update_frames) == (1200, every_update), key
-        assert len(history.gammas) == len(history.lambdas) == 30, key
+        assert (outcome.result.frames, history.update_frames) == (config.frames, every_update), key
+        assert len(history.gammas) == len(history.lambdas) == updates, key
         assert {step for step, _ in logged[key]["steps"]} == set(every_update), key  # nothing lost
     # up to the checkpoint it resumed from, the killed cell is its serial run
-    cell = resumed[0].cell
     reference, _ = train_variant(
-        cell_config(config, cell), cell.game, cell.variant, cell.training_seed, tmp_path / "reference.pt"
+        cell_config(config, target), target.game, target.variant, target.training_seed, tmp_path / "ref.pt"
     )
-    updates = resumed[0].resumed_at_frames // 40
-    assert resumed[0].result.history.gammas[:updates] == reference.history.gammas[:updates]
-    assert resumed[0].result.history.lambdas[:updates] == reference.history.lambdas[:updates]
+    done = resumed.resumed_at_frames // 40
+    assert resumed.result.history.gammas[:done] == reference.history.gammas[:done]
+    assert resumed.result.history.lambdas[:done] == reference.history.lambdas[:done]

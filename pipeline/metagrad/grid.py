@@ -190,12 +190,12 @@ def _run_on_ray(config, cells, checkpoint_root, open_cell_run, on_done) -> list[
         from ray.util.queue import Queue
 
         queue = Queue(actor_options={"num_cpus": 0})  # takes no CPU from the cells
-        task = ray.remote(_remote_cell).options(
-            num_cpus=ray_config.cpus_per_cell,
-            num_gpus=ray_config.gpus_per_cell,
-            max_retries=ray_config.max_retries,
-            name="metagrad_cell",
-        )
+        task = ray.remote(_remote_cell)
+        resources = {
+            "num_cpus": ray_config.cpus_per_cell,
+            "num_gpus": ray_config.gpus_per_cell,
+            "max_retries": ray_config.max_retries,
+        }
         runs: dict[str, tuple[ExitStack, object]] = {}  # open child runs of the cells in flight
         pending: dict[object, Cell] = {}
         todo, outcomes = list(cells), []
@@ -205,7 +205,9 @@ def _run_on_ray(config, cells, checkpoint_root, open_cell_run, on_done) -> list[
                     cell = todo.pop(0)
                     stack = ExitStack()
                     runs[cell.key] = (stack, stack.enter_context(open_cell_run(cell)))
-                    pending[task.remote(config, cell, checkpoint_root, queue)] = cell
+                    # the task's name is its worker's process title: ray::metagrad_cell <cell>
+                    named = task.options(name=f"metagrad_cell {cell.key}", **resources)
+                    pending[named.remote(config, cell, checkpoint_root, queue)] = cell
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=QUEUE_POLL_SECONDS)
                 _log_queued(queue, runs)  # a cell's last batch arrives before its result
                 for ref in done:
