@@ -114,44 +114,18 @@ def atari_section(atari: dict) -> list[str]:
         f"{level} Student-t CIs are over training seeds (a single seed has no interval).",
         "",
     ]
-    rows = [
-        [
-            game,
-            VARIANT_LABELS.get(variant, variant),
-            _interval(row["mean_score"], row["ci_low"], row["ci_high"]),
-            _interval(row["hns"], row["hns_ci_low"], row["hns_ci_high"], scale=100, unit=" %"),
-            str(row["num_seeds"]),
-            _num(row["gamma"], 4),
-            _num(row["lambda"], 3),
-            f"{row['train_frames']:,}",
-        ]
-        for game, variants in atari["games"].items()
-        for variant, row in variants.items()
+    header = [
+        "game",
+        "variant",
+        f"mean raw score [{level} CI]",
+        "HNS [CI]",
+        "seeds",
+        "mean γ",
+        "mean λ",
+        "frames",
     ]
-    lines += _table(
-        [
-            "game",
-            "variant",
-            f"mean raw score [{level} CI]",
-            "HNS [CI]",
-            "seeds",
-            "mean γ",
-            "mean λ",
-            "frames",
-        ],
-        rows,
-    )
-    rows = [
-        [
-            game,
-            f"{VARIANT_LABELS.get(variant, variant)} − {VARIANT_LABELS['impala']}",
-            _interval(diff["mean"], diff["ci_low"], diff["ci_high"]),
-            str(diff["seeds"]),
-        ]
-        for game, variants in atari["games"].items()
-        for variant, row in variants.items()
-        if (diff := row.get("diff_vs_impala"))
-    ]
+    lines += _table(header, _variant_rows(atari))
+    rows = _difference_rows(atari)
     if rows:
         lines += [
             "",
@@ -159,23 +133,9 @@ def atari_section(atari: dict) -> list[str]:
             "",
         ]
         lines += _table(["game", "difference", f"mean raw score difference [{level} CI]", "seeds"], rows)
-    rows = [
-        [
-            game,
-            VARIANT_LABELS.get(variant, variant),
-            seed,
-            _interval(cell["mean_score"], cell["ci_low"], cell["ci_high"]),
-            f"{100 * cell['hns']:.1f} %",
-            _num(cell["gamma"], 4),
-            _num(cell["lambda"], 3),
-            str(len(cell["scores"])),
-        ]
-        for game, variants in atari["games"].items()
-        for variant, row in variants.items()
-        for seed, cell in row["seeds"].items()
-    ]
     lines += ["", f"Per training seed ({level} CI over episodes):", ""]
-    lines += _table(["game", "variant", "seed", "mean raw score [CI]", "HNS", "γ", "λ", "episodes"], rows)
+    header = ["game", "variant", "seed", "mean raw score [CI]", "HNS", "γ", "λ", "episodes"]
+    lines += _table(header, _seed_rows(atari))
     lines += ["", "Median human-normalised score over games per variant (seed-mean HNS per game):", ""]
     rows = [
         [
@@ -193,3 +153,52 @@ def atari_section(atari: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _variant_rows(atari: dict) -> list[list[str]]:
+    return [
+        [
+            game,
+            VARIANT_LABELS.get(variant, variant),
+            _interval(row["mean_score"], row["ci_low"], row["ci_high"]),
+            _interval(row["hns"], row["hns_ci_low"], row["hns_ci_high"], scale=100, unit=" %"),
+            str(row["num_seeds"]),
+            _num(row["gamma"], 4),
+            _num(row["lambda"], 3),
+            f"{row['train_frames']:,}",
+        ]
+        for game, variants in atari["games"].items()
+        for variant, row in variants.items()
+    ]
+
+
+def _difference_rows(atari: dict) -> list[list[str]]:
+    return [
+        [
+            game,
+            f"{VARIANT_LABELS.get(variant, variant)} − {VARIANT_LABELS['impala']}",
+            _interval(diff["mean"], diff["ci_low"], diff["ci_high"]),
+            str(diff["seeds"]),
+        ]
+        for game, variants in atari["games"].items()
+        for variant, row in variants.items()
+        if (diff := row.get("diff_vs_impala"))
+    ]
+
+
+def _seed_rows(atari: dict) -> list[list[str]]:
+    return [
+        [
+            game,
+            VARIANT_LABELS.get(variant, variant),
+            seed,
+            _interval(cell["mean_score"], cell["ci_low"], cell["ci_high"]),
+            f"{100 * cell['hns']:.1f} %",
+            _num(cell["gamma"], 4),
+            _num(cell["lambda"], 3),
+            str(len(cell["scores"])),
+        ]
+        for game, variants in atari["games"].items()
+        for variant, row in variants.items()
+        for seed, cell in row["seeds"].items()
+    ]

@@ -146,7 +146,7 @@ class QueueTracker:
         self.queue, self.key, self._queued = queue, key, []
 
     def queue_metrics(self, metrics, step: int) -> None:
-        self._queued.append(({k: float(v) for k, v in metrics.items()}, int(step)))
+        self._queued.append((dict(metrics), int(step)))  # the driver's child run drops non-finite values
 
     def flush_metrics(self) -> None:
         if self._queued:
