@@ -207,6 +207,38 @@ def test_a_finished_cell_is_not_trained_again(serial_grid, tmp_path):
     assert again.result.history == first.result.history == serial_grid["outcomes"][cell.key].result.history
 
 
+def test_cells_are_child_runs_of_the_stage_run_and_a_resumed_cell_continues_its_own(tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline.tracking import ChildRun, StageRun, client
+
+    (tmp_path / "dvc.yaml").touch()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PIPELINE_RUN_ID", "test-grid")
+    cell, other = Cell("pong", "gamma_lambda", 1), Cell("pong", "impala", 1)
+    try:
+        with StageRun("metagrad", {}, "h", experiment="grid-test") as stage:
+            with ChildRun(stage, cell.key, cell.tags()) as first:
+                first.queue_metrics({"episode_return": 1.0, "gamma": float("nan")}, step=40)
+            with ChildRun(stage, cell.key, cell.tags()) as again:  # the cell resumed
+                again.queue_metrics({"episode_return": 2.0}, step=80)
+            with ChildRun(stage, other.key, other.tags()) as sibling:
+                pass
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+    assert again.run_id == first.run_id != sibling.run_id
+    run = client().get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "pong/gamma_lambda/seed1"
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == stage.run_id
+    assert (tags["game"], tags["variant"], tags["seed"]) == ("pong", "gamma_lambda", "1")
+    history = client().get_metric_history(first.run_id, "episode_return")
+    assert [(m.step, m.value) for m in history] == [(40, 1.0), (80, 2.0)]
+    assert "gamma" not in run.data.metrics  # not finite: dropped, as in the stage run
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 def cell_scores(mean: float, hns: float) -> dict:
     return {
