@@ -47,3 +47,4 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/epg_throughput.py
 	$(BIN)/python bench/atari_throughput.py
+	$(BIN)/python bench/metagrad_grid.py

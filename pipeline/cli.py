@@ -10,7 +10,7 @@ python -m pipeline profile paper        # params.yaml + the params/paper.yaml ov
 python -m pipeline ui                   # MLflow UI on the embedded store, 127.0.0.1:5000
 python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so far, from checkpoints
 python -m pipeline score runs/learn/models/metagrad --episodes 30 --out score.json
-                                        # no-op-start scores of trained agents (GAME/VARIANT.pt)
+                                        # no-op-start scores of trained agents (GAME/VARIANT/seedK.pt)
 python -m pipeline games                # the ALE games this ale-py ships
 python -m pipeline params-doc           # regenerate docs/params.md from pipeline/config.py
 
@@ -198,15 +198,17 @@ def cmd_curves(args) -> int:
     for path in write_curves(histories, Path(args.out)):
         print(path)
     for game, variants in histories.items():
-        for variant, h in variants.items():
-            recent = h.episode_returns[-10:]
-            last = f"{sum(recent) / len(recent):.1f}" if recent else "-"
-            frames = h.update_frames[-1] if h.update_frames else 0
-            print(
-                f"{game}/{variant}: {frames} frames, {len(h.episode_returns)} games, last-10 return {last}, "
-                f"gamma {h.gammas[-1] if h.gammas else float('nan'):.4f}, "
-                f"lambda {h.lambdas[-1] if h.lambdas else float('nan'):.4f}"
-            )
+        for variant, seeds in variants.items():
+            for seed, h in seeds.items():
+                recent = h.episode_returns[-10:]
+                last = f"{sum(recent) / len(recent):.1f}" if recent else "-"
+                frames = h.update_frames[-1] if h.update_frames else 0
+                print(
+                    f"{game}/{variant}/seed{seed}: {frames} frames, {len(h.episode_returns)} games, "
+                    f"last-10 return {last}, "
+                    f"gamma {h.gammas[-1] if h.gammas else float('nan'):.4f}, "
+                    f"lambda {h.lambdas[-1] if h.lambdas else float('nan'):.4f}"
+                )
     return 0
 
 
@@ -220,21 +222,22 @@ def cmd_score(args) -> int:
     models = Path(args.models)
     agents = discover_agents(models)
     if not agents:
-        return _fail(f"no agents in {models} (expected GAME/VARIANT.pt files, as in models/metagrad)")
+        return _fail(f"no agents in {models} (expected GAME/VARIANT/seedK.pt files, as in models/metagrad)")
     table = atari_score_table()
     problem = agents_problem(agents, table["games"])
     if problem:
         return _fail(problem)
     config = AtariEvalConfig(episodes=args.episodes)
-    results = evaluate_agents(agents, table, config, args.seed, args.confidence).to_dict()
+    results = evaluate_agents(agents, table, config, args.seed, args.confidence)
     for game, variants in results["games"].items():
-        for variant, r in variants.items():
-            print(
-                f"{game}/{variant}: mean raw score {r['mean_score']:.2f} "
-                f"({args.confidence:.0%} CI {r['ci_low']:.2f} to {r['ci_high']:.2f}) over "
-                f"{len(r['scores'])} no-op-start episodes, human-normalised {100 * r['hns']:.1f} %, "
-                f"trained {r['train_frames']} frames, gamma {r['gamma']:.5f}, lambda {r['lambda']:.5f}"
-            )
+        for variant, row in variants.items():
+            for seed, r in row["seeds"].items():
+                print(
+                    f"{game}/{variant}/seed{seed}: mean raw score {r['mean_score']:.2f} "
+                    f"({args.confidence:.0%} CI {r['ci_low']:.2f} to {r['ci_high']:.2f}) over "
+                    f"{len(r['scores'])} no-op-start episodes, human-normalised {100 * r['hns']:.1f} %, "
+                    f"trained {r['train_frames']} frames, gamma {r['gamma']:.5f}, lambda {r['lambda']:.5f}"
+                )
     if args.out:
         print(write_json(Path(args.out), {**results, "models": str(models), "seed": args.seed}))
     return 0
@@ -324,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser(
         "score", help="no-op-start Atari scores (raw and human-normalised) of trained metagrad agents"
     )
-    score.add_argument("models", help="a folder of GAME/VARIANT.pt agents, e.g. runs/learn/models/metagrad")
+    score.add_argument(
+        "models", help="a folder of GAME/VARIANT/seedK.pt agents, e.g. runs/learn/models/metagrad"
+    )
     score.add_argument("--episodes", type=positive_int, default=30, help="episodes per agent (default 30)")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--confidence", type=probability, default=0.95, help="of the intervals (default 0.95)")

@@ -298,14 +298,49 @@ class AtariEnvConfig(Frozen):
     """ALE threads of the vector env; 0: one per core."""
 
 
+class MetagradRayConfig(Frozen):
+    """Where the cells of the metagrad grid run (``pipeline/metagrad/grid.py``).
+
+    ``concurrent_cells: 1`` with no ``RAY_ADDRESS`` in the environment: cells train one after another
+    in the stage's own process, without Ray. More cells at once, or ``RAY_ADDRESS`` set: every cell is
+    a Ray task holding ``cpus_per_cell`` CPUs (also its torch threads) and ``gpus_per_cell`` GPUs, on
+    the cluster ``RAY_ADDRESS`` names or else on a local Ray started for the stage. A task whose worker
+    dies is retried up to ``max_retries`` times and resumes from the cell's checkpoint.
+    ``checkpoint_storage``: the folder of the cell checkpoints; on a multi-machine cluster it must be
+    shared storage mounted at the same path on every node (NFS, a parallel file system); null keeps
+    them in the stage's ``checkpoints/metagrad`` (one machine, or a cluster on one machine).
+    """
+
+    concurrent_cells: Annotated[int, Field(ge=1, le=4096)] = 1
+    cpus_per_cell: Annotated[int, Field(ge=1, le=1024)] = 1
+    gpus_per_cell: Annotated[float, Field(ge=0, le=64)] = 0
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 3
+    checkpoint_storage: str | None = None
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class MetagradConfig(Frozen):
+    """The metagrad grid: every (game, variant, seed) cell trains for ``frames`` frames.
+
+    Seed rule: the cell (game, variant, s) trains with ``variant_seed(s, game)``, the seed the stage
+    derived from a top-level ``seed: s`` before it had seeds; so ``seeds: [s]`` reproduces the
+    single-seed results of ``seed: s`` exactly, and every variant of one (game, seed) shares the seed.
+    A params file without ``metagrad.seeds`` trains the one seed ``[seed]`` (the top-level one).
+    """
+
     games: list[str] = Field(min_length=1)
     """Games to train on (listed in `prepare.games`)."""
     variants: list[MetagradVariant] = Field(min_length=1)
     """Which of (gamma, lambda) are meta-learned: `impala` (the {} baseline, required), `lambda`,
     `gamma`, `gamma_lambda`."""
+    seeds: list[Seed] = Field(default=[0], min_length=1)
+    """One cell per (game, variant, seed); cell seed s trains exactly as `seed: s` did before the grid."""
+    ray: MetagradRayConfig = MetagradRayConfig()
+    """How cells are scheduled: serially in the stage's process, or as Ray tasks."""
     frames: PositiveInt = 200_000
-    """Frames per variant and game, counting skipped frames (4 per agent step)."""
+    """Frames per cell (game, variant, seed), counting skipped frames (4 per agent step)."""
     num_envs: PositiveInt = 32
     """Parallel environments (batch size of an update)."""
     unroll: PositiveInt = 20
@@ -366,6 +401,13 @@ class MetagradConfig(Frozen):
         if len(set(variants)) != len(variants):
             raise ValueError("variants are listed more than once")
         return variants
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds are listed more than once")
+        return seeds
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -437,6 +479,15 @@ class PipelineConfig(Frozen):
     """The metagrad stage: IMPALA with meta-gradients on gamma/lambda."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """The evaluate stage."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_metagrad_seeds(cls, data: Any) -> Any:
+        """Without ``metagrad.seeds`` the grid trains the top-level seed (as before seeds existed)."""
+        metagrad = data.get("metagrad") if isinstance(data, dict) else None
+        if isinstance(metagrad, dict) and "seeds" not in metagrad:
+            data = {**data, "metagrad": {**metagrad, "seeds": [data.get("seed", 0)]}}
+        return data
 
     @model_validator(mode="after")
     def _cross_section(self):

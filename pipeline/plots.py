@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -93,3 +94,36 @@ def bar_plot(
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=8)
     return _save(figure, target)
+
+
+def seed_band(
+    curves: list[tuple[list[float], list[float]]], points: int = 200
+) -> tuple[list, list, list, list]:
+    """Mean and min-max band over seeds of curves with their own x values: (x, mean, low, high).
+
+    The curves are interpolated onto a common grid over the x range they all cover; one curve is
+    returned as it is (its band is the line itself).
+    """
+    arrays = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves if len(x)]
+    if not arrays:
+        return [], [], [], []
+    if len(arrays) == 1:
+        x, y = arrays[0]
+        return x.tolist(), y.tolist(), y.tolist(), y.tolist()
+    start, end = max(x[0] for x, _ in arrays), min(x[-1] for x, _ in arrays)
+    if start > end:  # no common range: cover all of them, np.interp holds the end values
+        start, end = min(x[0] for x, _ in arrays), max(x[-1] for x, _ in arrays)
+    grid = np.linspace(start, end, points) if end > start else np.array([start])
+    ys = np.stack([np.interp(grid, x, y) for x, y in arrays])
+    return grid.tolist(), ys.mean(0).tolist(), ys.min(0).tolist(), ys.max(0).tolist()
+
+
+def band_plot(target: Path, curves: dict[str, list[tuple[list, list]]], **labels) -> Path:
+    """One line per label (the mean over seeds) with a min-max band where there are several seeds."""
+    series, bands = {}, {}
+    for label, per_seed in curves.items():
+        x, mean, low, high = seed_band(per_seed)
+        series[label] = (x, mean)
+        if len(per_seed) > 1:
+            bands[label] = (low, high)
+    return line_plot(target, series, bands=bands or None, **labels)

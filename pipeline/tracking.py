@@ -452,6 +452,57 @@ class StageRun:
         call(self._mlflow.set_tags, {k: str(v) for k, v in tags.items()}, budget_s=outage_budget_s())
 
 
+TAG_PARENT_RUN = "mlflow.parentRunId"
+TAG_CELL = "pipeline.cell"
+
+
+class ChildRun:
+    """An MLflow run nested under a stage run (``mlflow.parentRunId``): one cell of a grid.
+
+    ``tags`` (e.g. game, variant, seed) let the MLflow UI compare cells side by side under one metric
+    name. Re-opening the same ``key`` under the same parent continues that child run (a resumed cell).
+    Only the process holding the stage run logs here; remote cells send their metrics to it.
+    """
+
+    def __init__(self, parent: StageRun, key: str, tags: Mapping[str, Any]):
+        self.parent, self.key, self.tags = parent, key, {k: str(v) for k, v in tags.items()}
+        self.root = parent.root
+        self.run_id: str | None = None
+        self._queued: list = []
+
+    def __enter__(self) -> ChildRun:
+        mlclient = client(self.root)
+        existing = mlclient.search_runs(
+            [experiment_id(self.parent.experiment, self.root)],
+            filter_string=(
+                f"tags.`{TAG_PARENT_RUN}` = '{self.parent.run_id}' and tags.`{TAG_CELL}` = '{self.key}'"
+            ),
+        )
+        tags = {**self.tags, TAG_PARENT_RUN: self.parent.run_id, TAG_CELL: self.key}
+        if existing:
+            self.run_id = existing[0].info.run_id
+            mlclient.update_run(self.run_id, status="RUNNING")
+        else:
+            run = mlclient.create_run(
+                experiment_id(self.parent.experiment, self.root), run_name=self.key, tags=tags
+            )
+            self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else "FAILED"
+        try:
+            self.flush_metrics()
+        finally:
+            client(self.root).set_terminated(self.run_id, status=status)
+
+    queue_metrics = StageRun.queue_metrics
+    flush_metrics = StageRun.flush_metrics
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        client(self.root).log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."

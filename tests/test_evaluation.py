@@ -8,7 +8,6 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from pipeline.evaluation.atari_eval import AgentScore, AtariEvaluation
 from pipeline.evaluation.epg_eval import CurvePoint, EpgEvaluation, MethodResult, curve_summary, summarise
 from pipeline.evaluation.promotion import decide_promotion
 from pipeline.evaluation.report import render_report
@@ -107,30 +106,57 @@ def fake_results() -> dict:
             },
         ),
         "promotion": {"summary": "alias 'champion' moved to version 3: there is no champion yet"},
-        "atari": AtariEvaluation(
-            games={
+        "atari": {
+            "games": {
                 "pong": {
-                    "impala": AgentScore(
-                        mean_score=-20.4,
-                        ci_low=-20.9,
-                        ci_high=-19.9,
-                        hns=0.0085,
-                        train_frames=500000,
-                        gamma=0.99,
-                        lambda_=1.0,
-                        scores=[-20.0] * 10,
-                        noops=[1] * 10,
-                        lengths=[800] * 10,
-                    )
+                    "impala": {
+                        **atari_row(-20.4, -20.9, -19.9, 0.0085),
+                        "seeds": {"0": atari_cell(-20.2, 0.01), "1": atari_cell(-20.6, 0.007)},
+                    },
+                    "gamma_lambda": {
+                        **atari_row(-19.0, -21.0, -17.0, 0.05),
+                        "seeds": {"0": atari_cell(-18.0, 0.08), "1": atari_cell(-20.0, 0.02)},
+                        "diff_vs_impala": {"mean": 1.4, "ci_low": -9.0, "ci_high": 12.0, "seeds": 2},
+                    },
                 }
             },
-            reference_scores={"pong": {"random": -20.7, "human": 14.6}},
-            hns={"impala": {"median": 0.0085, "mean": 0.0085, "games": 1}},
-            paper_median_hns_percent={"impala": 191.8},
-        ),
+            "hns": {
+                "impala": {"median": 0.0085, "mean": 0.0085, "games": 1},
+                "gamma_lambda": {"median": 0.05, "mean": 0.05, "games": 1},
+            },
+            "paper_median_hns_percent": {"impala": 191.8, "gamma_lambda": 242.6},
+            "confidence": 0.95,
+        },
         "figures": {"Learning curves, test tasks": "curves_test.png"},
         "run_ids": {"evolve": "r1", "evaluate": "r2"},
         "params": {"seed": 0, "evolve": {"popsize": 16}},
+    }
+
+
+def atari_row(mean: float, low: float, high: float, hns: float) -> dict:
+    return {
+        "mean_score": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "hns": hns,
+        "hns_ci_low": hns - 0.01,
+        "hns_ci_high": hns + 0.01,
+        "num_seeds": 2,
+        "gamma": 0.99,
+        "lambda": 1.0,
+        "train_frames": 500000,
+    }
+
+
+def atari_cell(mean: float, hns: float) -> dict:
+    return {
+        "mean_score": mean,
+        "ci_low": mean - 0.5,
+        "ci_high": mean + 0.5,
+        "hns": hns,
+        "gamma": 0.99,
+        "lambda": 1.0,
+        "scores": [mean] * 10,
     }
 
 
@@ -138,7 +164,13 @@ def test_report_holds_tables_figures_params_and_run_ids():
     report = render_report(fake_results())
     assert "| test | evolved loss (EPG) | -44.00 | [-46.00, -42.00] | 80 | 0 |" in report
     assert "| test | PPO | -47.50 |" in report
-    assert "| pong | IMPALA {} | -20.4 [-20.9, -19.9] | 0.9 % | 0.9900 | 1.000 | 500,000 | 10 |" in report
+    assert (
+        "| pong | IMPALA {} | -20.4 [-20.9, -19.9] | 0.9 % [-0.1, 1.9] | 2 | 0.9900 | 1.000 | 500,000 |"
+        in report
+    )
+    assert "| pong | {γ, λ} − IMPALA {} | 1.4 [-9.0, 12.0] | 2 |" in report
+    assert "| pong | {γ, λ} | 1 | -20.0 [-20.5, -19.5] | 2.0 % | 0.9900 | 1.000 | 10 |" in report
+    assert "| {γ, λ} | 5.0 % over 1 game(s) | 242.6 % |" in report
     assert "191.8 %" in report and "not** produced by this run" in report
     assert "![Learning curves, test tasks](curves_test.png)" in report
     assert "`r2`" in report and "popsize: 16" in report

@@ -85,11 +85,11 @@ def test_train_variant_learns_eta_and_checkpoints(trained):
     assert result.history.update_frames == [FRAMES_PER_UPDATE * k for k in range(1, 5)]
     metrics = trained.tracker.metrics
     assert [step for step, _ in metrics] == result.history.update_frames
-    losses = [m[f"pong.gamma_lambda.loss/{k}"] for _, m in metrics for k in ("total", "policy", "baseline")]
+    losses = [m[f"loss/{k}"] for _, m in metrics for k in ("total", "policy", "baseline")]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     # the first update has nothing to meta-learn yet; afterwards gamma and lambda move
-    assert "pong.gamma_lambda.meta/grad_gamma_logit" not in metrics[0][1]
-    assert all("pong.gamma_lambda.meta/grad_gamma_logit" in m for _, m in metrics[1:])
+    assert "meta/grad_gamma_logit" not in metrics[0][1]
+    assert all("meta/grad_gamma_logit" in m for _, m in metrics[1:])
     assert result.history.gammas[0] == pytest.approx(config.meta.init_gamma, abs=1e-6)
     assert result.history.lambdas[0] == pytest.approx(config.meta.init_lambda, abs=1e-6)
     assert abs(result.gamma - config.meta.init_gamma) > 1e-6
@@ -249,35 +249,51 @@ def test_stage_script_writes_models_metrics_and_curves(tmp_path):
 
     updates = STAGE_FRAMES // (4 * 4 * 4)
     for variant in ("impala", "gamma_lambda"):
-        model = torch_load(out / "models/metagrad/pong" / f"{variant}.pt")
+        model = torch_load(out / "models/metagrad/pong" / variant / "seed0.pt")
         assert (model["game"], model["variant"], model["frames"]) == ("pong", variant, STAGE_FRAMES)
         net = AtariActorCritic(model["num_actions"], model["network"], model["stack"], model["embedding_dim"])
         net.load_state_dict(model["state_dict"])
-    assert torch_load(out / "models/metagrad/pong/impala.pt")["eta"] == pytest.approx([0.99, 1.0])
+    assert torch_load(out / "models/metagrad/pong/impala/seed0.pt")["eta"] == pytest.approx([0.99, 1.0])
 
     metrics = json.loads((out / "metrics/metagrad.json").read_text())
     assert set(metrics["pong"]) == {"impala", "gamma_lambda"}
-    for variant, entry in metrics["pong"].items():
-        assert (entry["frames"], entry["updates"]) == (STAGE_FRAMES, updates), variant
-    assert (metrics["pong"]["impala"]["gamma"], metrics["pong"]["impala"]["lambda"]) == pytest.approx(
-        (0.99, 1.0)
-    )
-    assert metrics["pong"]["gamma_lambda"]["gamma"] != pytest.approx(0.99, abs=1e-7)
+    for variant, seeds in metrics["pong"].items():
+        assert list(seeds) == ["seed0"], variant
+        assert (seeds["seed0"]["frames"], seeds["seed0"]["updates"]) == (STAGE_FRAMES, updates), variant
+    impala = metrics["pong"]["impala"]["seed0"]
+    assert (impala["gamma"], impala["lambda"]) == pytest.approx((0.99, 1.0))
+    assert metrics["pong"]["gamma_lambda"]["seed0"]["gamma"] != pytest.approx(0.99, abs=1e-7)
     run_id = metrics["mlflow_run_id"]
     with sqlite3.connect(work / "mlflow.db") as db:
         status = db.execute("SELECT status FROM runs WHERE run_uuid = ?", (run_id,)).fetchall()
+        children = db.execute(
+            "SELECT r.status, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'pipeline.cell' AND r.run_uuid IN "
+            "(SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId' AND value = ?)",
+            (run_id,),
+        ).fetchall()
+        child_metrics = {
+            row[0]
+            for row in db.execute(
+                "SELECT DISTINCT key FROM metrics WHERE run_uuid IN "
+                "(SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId' AND value = ?)",
+                (run_id,),
+            )
+        }
     assert status == [("FINISHED",)]
+    assert sorted(children) == [("FINISHED", "pong/gamma_lambda/seed0"), ("FINISHED", "pong/impala/seed0")]
+    assert {"loss/total", "gamma", "frames_per_second"} <= child_metrics
 
     plots = out / "plots/metagrad"
     for variant in ("impala", "gamma_lambda"):
-        columns, rows = read_rows(plots / f"eta_pong_{variant}.csv")
+        columns, rows = read_rows(plots / f"eta_pong_{variant}_seed0.csv")
         assert columns == ["frames", "gamma", "lambda"]
         assert [int(r["frames"]) for r in rows] == [64 * k for k in range(1, updates + 1)]
-        columns, rows = read_rows(plots / f"returns_pong_{variant}.csv")
+        columns, rows = read_rows(plots / f"returns_pong_{variant}_seed0.csv")
         assert columns == ["frames", "episode_return"]
-    _, impala_rows = read_rows(plots / "eta_pong_impala.csv")
+    _, impala_rows = read_rows(plots / "eta_pong_impala_seed0.csv")
     assert all(float(r["gamma"]) == pytest.approx(0.99) and float(r["lambda"]) == 1.0 for r in impala_rows)
-    _, learned_rows = read_rows(plots / "eta_pong_gamma_lambda.csv")
+    _, learned_rows = read_rows(plots / "eta_pong_gamma_lambda_seed0.csv")
     assert float(learned_rows[-1]["gamma"]) != float(learned_rows[0]["gamma"])
     for name in ("returns_pong.png", "gamma_pong.png", "lambda_pong.png"):
         assert (plots / name).stat().st_size > 0
@@ -298,16 +314,16 @@ def test_stage_script_rejects_unknown_game_and_writes_nothing(tmp_path):
 def test_curves_command_reads_checkpoints_of_a_stopped_run(trained, tmp_path):
     """`python -m pipeline curves` renders a run's curves from its checkpoints, without its outputs."""
     folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    copy_checkpoint(trained, folder)
+    (folder / "pong/gamma_lambda").mkdir(parents=True)
+    copy_checkpoint(trained, folder / "pong/gamma_lambda").rename(folder / "pong/gamma_lambda/seed3.pt")
     (folder / "run.json").write_text("{}")  # the stage's run file sits beside the checkpoints
     histories = checkpoint_histories(folder)
     assert list(histories) == ["pong"] and list(histories["pong"]) == ["gamma_lambda"]
-    assert histories["pong"]["gamma_lambda"] == trained.result.history
+    assert histories["pong"]["gamma_lambda"] == {3: trained.result.history}
 
     out = tmp_path / "curves"
     assert cli_main(["curves", str(folder), "--out", str(out)]) == 0
-    _, rows = read_rows(out / "eta_pong_gamma_lambda.csv")
+    _, rows = read_rows(out / "eta_pong_gamma_lambda_seed3.csv")
     assert [float(r["gamma"]) for r in rows] == pytest.approx(trained.result.history.gammas)
     assert (out / "returns_pong.png").stat().st_size > 0
 
@@ -318,17 +334,17 @@ def test_score_command_plays_trained_agents(trained, tmp_path, capsys):
     """`python -m pipeline score` gives no-op-start raw and human-normalised scores of exported agents."""
     models = tmp_path / "models"
     train_module.export_model(
-        trained.learner, trained.result, trained.config, models / "pong/gamma_lambda.pt"
+        trained.learner, trained.result, trained.config, models / "pong/gamma_lambda/seed0.pt"
     )
     out = tmp_path / "score.json"
     assert cli_main(["score", str(models), "--episodes", "2", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())["games"]["pong"]["gamma_lambda"]
+    result = json.loads(out.read_text())["games"]["pong"]["gamma_lambda"]["seeds"]["0"]
     assert len(result["scores"]) == 2 and all(-21 <= s <= 21 for s in result["scores"])
     assert result["mean_score"] == pytest.approx(sum(result["scores"]) / 2)
     assert result["hns"] == pytest.approx((result["mean_score"] + 20.7) / (14.6 + 20.7))
     assert result["gamma"] == pytest.approx(trained.result.gamma)
     assert all(1 <= n <= 30 for n in result["noops"])
-    assert "pong/gamma_lambda: mean raw score" in capsys.readouterr().out
+    assert "pong/gamma_lambda/seed0: mean raw score" in capsys.readouterr().out
 
     assert cli_main(["score", str(tmp_path / "empty")]) == 2
     with pytest.raises(SystemExit):

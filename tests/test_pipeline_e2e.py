@@ -128,8 +128,8 @@ def test_dvc_repro_runs_all_four_stages(project):
     for path in [
         "data/prepared/tasks.json",
         "models/epg/loss.pt",
-        "models/metagrad/pong/impala.pt",
-        "models/metagrad/pong/gamma_lambda.pt",
+        "models/metagrad/pong/impala/seed0.pt",
+        "models/metagrad/pong/gamma_lambda/seed0.pt",
         "reports/report.md",
         "plots/evolve/fitness.csv",
         "reports/curves_test.png",
@@ -161,10 +161,16 @@ def test_evaluate_metrics_hold_returns_cis_scores_and_hns(project):
 @pytest.mark.e2e
 def test_mlflow_has_one_run_per_stage_sharing_a_pipeline_run_id_and_a_registered_loss(project):
     root, _ = project
-    client, runs = mlflow_runs(root)
+    client, all_runs = mlflow_runs(root)
+    runs = [run for run in all_runs if "mlflow.parentRunId" not in run.data.tags]
     by_stage = {run.data.tags["pipeline.stage"]: run for run in runs}
     assert set(by_stage) == {"prepare", "evolve", "metagrad", "evaluate"}
     assert len(runs) == 4
+    cells = [
+        run for run in all_runs if run.data.tags.get("mlflow.parentRunId") == by_stage["metagrad"].info.run_id
+    ]
+    assert sorted(run.data.tags["variant"] for run in cells) == ["gamma_lambda", "impala"]  # one per cell
+    assert len(all_runs) == 6
     assert len({run.data.tags["pipeline.run_id"] for run in runs}) == 1
     for stage, run in by_stage.items():
         stage_metrics = json.loads((root / f"metrics/{stage}.json").read_text())

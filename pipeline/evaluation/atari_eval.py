@@ -8,7 +8,6 @@ raw (unclipped) game scores. All episodes of a game run in parallel in one vecto
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,83 +74,99 @@ def play_episodes(
     return {"scores": scores.tolist(), "noops": first_noops.tolist(), "lengths": lengths.tolist()}
 
 
-@dataclass(frozen=True)
-class AgentScore:
-    """One trained agent's no-op-start evaluation: raw scores with their CI, HNS, what it had learned."""
-
-    mean_score: float
-    ci_low: float
-    ci_high: float
-    hns: float
-    train_frames: int
-    gamma: float
-    lambda_: float
-    scores: list[float]
-    noops: list[int]
-    lengths: list[int]
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        # the same keys as the params and the metrics: "lambda"
-        return {("lambda" if key == "lambda_" else key): value for key, value in data.items()}
-
-
-@dataclass(frozen=True)
-class AtariEvaluation:
-    """``games[game][variant]`` scores, the reference table rows used, HNS aggregated per variant."""
-
-    games: dict[str, dict[str, AgentScore]]
-    reference_scores: dict[str, dict[str, float]]
-    hns: dict[str, dict[str, float]]  # variant -> {"median", "mean", "games"}
-    paper_median_hns_percent: dict[str, float] = field(default_factory=lambda: dict(PAPER_MEDIAN_HNS))
-
-    def to_dict(self) -> dict:
-        return {
-            "games": {
-                game: {variant: score.to_dict() for variant, score in variants.items()}
-                for game, variants in self.games.items()
-            },
-            "reference_scores": self.reference_scores,
-            "hns": self.hns,
-            "paper_median_hns_percent": self.paper_median_hns_percent,
-        }
-
-
 def evaluate_agents(
-    model_paths: dict[str, dict[str, Path]],
+    model_paths: dict[str, dict[str, dict[int, Path]]],
     scores_table: dict,
     config: AtariEvalConfig,
     seed: int,
     confidence: float,
-) -> AtariEvaluation:
-    """``model_paths[game][variant]`` -> raw scores, HNS per game and variant, median/mean HNS."""
-    per_game: dict[str, dict[str, AgentScore]] = {}
+) -> dict:
+    """``model_paths[game][variant][training seed]`` -> scores per cell, per (game, variant) over seeds,
+    paired differences with the baseline, and the median HNS over games per variant.
+
+    Every agent plays the same seeded episodes (``seed``): variants and training seeds are compared on
+    common random numbers. Per (game, variant): mean raw score and HNS over training seeds with
+    Student-t CIs over seeds; per variant other than ``impala``: the paired difference variant − impala
+    of the per-seed mean scores, over the seeds both have.
+    """
+    per_game: dict[str, dict] = {}
     hns_by_variant: dict[str, dict[str, float]] = {}
     for game, variants in model_paths.items():
         if game not in scores_table["games"]:
             raise ValueError(f"no random/human scores for {game!r} in the Atari-57 table")
         reference = scores_table["games"][game]
         per_game[game] = {}
-        for variant, path in variants.items():
-            net, eta, checkpoint = load_agent(path)
-            env_config = AtariEnvConfig(**checkpoint["metagrad_config"]["env"])  # as the agent was trained
-            log.info("%s/%s: %d no-op episodes", game, variant, config.episodes)
-            played = play_episodes(net, eta, game, config, env_config, seed)
-            interval = mean_ci(played["scores"], confidence)
-            hns = human_normalized(interval.mean, reference["random"], reference["human"])
-            per_game[game][variant] = AgentScore(
-                mean_score=interval.mean,
-                ci_low=interval.low,
-                ci_high=interval.high,
-                hns=hns,
-                train_frames=checkpoint["frames"],
-                gamma=float(eta[0]),
-                lambda_=float(eta[1]),
-                **played,
-            )
-            hns_by_variant.setdefault(variant, {})[game] = hns
-    return AtariEvaluation(
-        games=per_game,
-        reference_scores={game: scores_table["games"][game] for game in per_game},
-        hns={variant: aggregate_hns(values) for variant, values in hns_by_variant.items()},
-    )
+        for variant, seeds in variants.items():
+            cells = {
+                train_seed: score_agent(path, game, config, seed, confidence, reference)
+                for train_seed, path in seeds.items()
+            }
+            per_game[game][variant] = summarize_seeds(cells, confidence)
+            hns_by_variant.setdefault(variant, {})[game] = per_game[game][variant]["hns"]
+        baseline = per_game[game].get("impala")
+        for variant, row in per_game[game].items():
+            if baseline is not None and variant != "impala":
+                row["diff_vs_impala"] = paired_difference(row["seeds"], baseline["seeds"], confidence)
+    return {
+        "games": per_game,
+        "reference_scores": {game: scores_table["games"][game] for game in per_game},
+        "hns": {variant: aggregate_hns(values) for variant, values in hns_by_variant.items()},
+        "paper_median_hns_percent": PAPER_MEDIAN_HNS,
+        "confidence": confidence,
+    }
+
+
+def score_agent(
+    path: Path, game: str, config: AtariEvalConfig, seed: int, confidence: float, reference: dict
+) -> dict:
+    """One cell's agent: its no-op-start episodes, mean raw score with a CI over episodes, HNS."""
+    net, eta, checkpoint = load_agent(path)
+    env_config = AtariEnvConfig(**checkpoint["metagrad_config"]["env"])  # as the agent was trained
+    log.info("%s: %d no-op episodes", path, config.episodes)
+    played = play_episodes(net, eta, game, config, env_config, seed)
+    interval = mean_ci(played["scores"], confidence)
+    return {
+        "mean_score": interval.mean,
+        "ci_low": interval.low,
+        "ci_high": interval.high,
+        "hns": human_normalized(interval.mean, reference["random"], reference["human"]),
+        "train_frames": checkpoint["frames"],
+        "gamma": float(eta[0]),
+        "lambda": float(eta[1]),
+        **played,
+    }
+
+
+def summarize_seeds(cells: dict[int, dict], confidence: float) -> dict:
+    """Mean raw score and HNS over training seeds, each with its CI over seeds; the cells under "seeds"."""
+    ordered = dict(sorted(cells.items()))
+    score = mean_ci([c["mean_score"] for c in ordered.values()], confidence)
+    hns = mean_ci([c["hns"] for c in ordered.values()], confidence)
+    return {
+        "mean_score": score.mean,
+        "ci_low": score.low,
+        "ci_high": score.high,
+        "hns": hns.mean,
+        "hns_ci_low": hns.low,
+        "hns_ci_high": hns.high,
+        "num_seeds": len(ordered),
+        "episodes": sum(len(c["scores"]) for c in ordered.values()),
+        "train_frames": min(c["train_frames"] for c in ordered.values()),
+        "gamma": float(np.mean([c["gamma"] for c in ordered.values()])),
+        "lambda": float(np.mean([c["lambda"] for c in ordered.values()])),
+        "seeds": {str(k): c for k, c in ordered.items()},
+    }
+
+
+def paired_difference(cells: dict[str, dict], baseline: dict[str, dict], confidence: float) -> dict:
+    """Mean over shared training seeds of (cell score − baseline score), with its Student-t CI."""
+    shared = [k for k in cells if k in baseline]
+    diffs = {k: cells[k]["mean_score"] - baseline[k]["mean_score"] for k in shared}
+    interval = mean_ci(diffs.values(), confidence)
+    return {
+        "mean": interval.mean,
+        "ci_low": interval.low,
+        "ci_high": interval.high,
+        "seeds": len(shared),
+        "per_seed": diffs,
+    }

@@ -70,48 +70,7 @@ def render_report(results: dict) -> str:
     if promotion:
         lines += ["### Registry promotion", "", f"- {promotion['summary']}", ""]
     if atari:
-        lines += [
-            "## Meta-gradient agents on Atari (no-op starts)",
-            "",
-            "Raw game scores over no-op-start episodes (1–30 no-ops, 108 000-frame cap, actions sampled "
-            "from the policy); HNS = (agent − random) / (human − random) from the Atari-57 table.",
-            "",
-        ]
-        rows = []
-        for game, variants in atari.games.items():
-            for variant, row in variants.items():
-                rows.append(
-                    [
-                        game,
-                        VARIANT_LABELS.get(variant, variant),
-                        f"{_num(row.mean_score, 1)} [{_num(row.ci_low, 1)}, {_num(row.ci_high, 1)}]",
-                        f"{100 * row.hns:.1f} %",
-                        _num(row.gamma, 4),
-                        _num(row.lambda_, 3),
-                        f"{row.train_frames:,}",
-                        str(len(row.scores)),
-                    ]
-                )
-        lines += _table(
-            ["game", "variant", "mean raw score [95 % CI]", "HNS", "γ", "λ", "training frames", "episodes"],
-            rows,
-        )
-        lines += ["", "Median human-normalised score per variant:", ""]
-        rows = [
-            [
-                VARIANT_LABELS.get(variant, variant),
-                f"{100 * agg['median']:.1f} % over {agg['games']} game(s)",
-                f"{atari.paper_median_hns_percent.get(variant, math.nan):.1f} %",
-            ]
-            for variant, agg in atari.hns.items()
-        ]
-        lines += _table(["variant", "ours (this run)", "paper: 57 games, 200M frames (reference only)"], rows)
-        lines += [
-            "",
-            "The paper column is Xu, van Hasselt & Silver (2018), Table 1 (no-op starts, γ̄ = 0.99): numbers "
-            "from 200 M frames on 57 games, shown for reference; they are **not** produced by this run.",
-            "",
-        ]
+        lines += atari_section(atari)
     figures = results.get("figures", {})
     if figures:
         lines += ["## Figures", ""]
@@ -132,3 +91,110 @@ def render_report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _interval(mean, low, high, digits: int = 1, scale: float = 1.0, unit: str = "") -> str:
+    values = [None if v is None else scale * float(v) for v in (mean, low, high)]
+    return f"{_num(values[0], digits)}{unit} [{_num(values[1], digits)}, {_num(values[2], digits)}]"
+
+
+def atari_section(atari: dict) -> list[str]:
+    """Per game and variant over training seeds, paired differences with {}, per seed, median HNS."""
+    level = f"{100 * atari.get('confidence', 0.95):.0f} %"
+    lines = [
+        "## Meta-gradient agents on Atari (no-op starts)",
+        "",
+        "Raw game scores over no-op-start episodes (1–30 no-ops, 108 000-frame cap, actions sampled "
+        "from the policy); HNS = (agent − random) / (human − random) from the Atari-57 table. One agent "
+        "per training seed; every agent plays the same seeded episodes. Means and "
+        f"{level} Student-t CIs are over training seeds (a single seed has no interval).",
+        "",
+    ]
+    header = [
+        "game",
+        "variant",
+        f"mean raw score [{level} CI]",
+        "HNS [CI]",
+        "seeds",
+        "mean γ",
+        "mean λ",
+        "frames",
+    ]
+    lines += _table(header, _variant_rows(atari))
+    rows = _difference_rows(atari)
+    if rows:
+        lines += [
+            "",
+            "Paired difference with the baseline, per training seed (same seed, same episodes):",
+            "",
+        ]
+        lines += _table(["game", "difference", f"mean raw score difference [{level} CI]", "seeds"], rows)
+    lines += ["", f"Per training seed ({level} CI over episodes):", ""]
+    header = ["game", "variant", "seed", "mean raw score [CI]", "HNS", "γ", "λ", "episodes"]
+    lines += _table(header, _seed_rows(atari))
+    lines += ["", "Median human-normalised score over games per variant (seed-mean HNS per game):", ""]
+    rows = [
+        [
+            VARIANT_LABELS.get(variant, variant),
+            f"{100 * agg['median']:.1f} % over {agg['games']} game(s)",
+            f"{atari['paper_median_hns_percent'].get(variant, math.nan):.1f} %",
+        ]
+        for variant, agg in atari["hns"].items()
+    ]
+    lines += _table(["variant", "ours (this run)", "paper: 57 games, 200M frames (reference only)"], rows)
+    lines += [
+        "",
+        "The paper column is Xu, van Hasselt & Silver (2018), Table 1 (no-op starts, γ̄ = 0.99): numbers "
+        "from 200 M frames on 57 games, shown for reference; they are **not** produced by this run.",
+        "",
+    ]
+    return lines
+
+
+def _variant_rows(atari: dict) -> list[list[str]]:
+    return [
+        [
+            game,
+            VARIANT_LABELS.get(variant, variant),
+            _interval(row["mean_score"], row["ci_low"], row["ci_high"]),
+            _interval(row["hns"], row["hns_ci_low"], row["hns_ci_high"], scale=100, unit=" %"),
+            str(row["num_seeds"]),
+            _num(row["gamma"], 4),
+            _num(row["lambda"], 3),
+            f"{row['train_frames']:,}",
+        ]
+        for game, variants in atari["games"].items()
+        for variant, row in variants.items()
+    ]
+
+
+def _difference_rows(atari: dict) -> list[list[str]]:
+    return [
+        [
+            game,
+            f"{VARIANT_LABELS.get(variant, variant)} − {VARIANT_LABELS['impala']}",
+            _interval(diff["mean"], diff["ci_low"], diff["ci_high"]),
+            str(diff["seeds"]),
+        ]
+        for game, variants in atari["games"].items()
+        for variant, row in variants.items()
+        if (diff := row.get("diff_vs_impala"))
+    ]
+
+
+def _seed_rows(atari: dict) -> list[list[str]]:
+    return [
+        [
+            game,
+            VARIANT_LABELS.get(variant, variant),
+            seed,
+            _interval(cell["mean_score"], cell["ci_low"], cell["ci_high"]),
+            f"{100 * cell['hns']:.1f} %",
+            _num(cell["gamma"], 4),
+            _num(cell["lambda"], 3),
+            str(len(cell["scores"])),
+        ]
+        for game, variants in atari["games"].items()
+        for variant, row in variants.items()
+        for seed, cell in row["seeds"].items()
+    ]

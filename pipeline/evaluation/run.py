@@ -10,7 +10,7 @@ from .. import registry, tracking
 from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
-from ..plots import bar_plot, line_plot
+from ..plots import band_plot, bar_plot, line_plot, smooth
 from .atari_eval import evaluate_agents
 from .epg_eval import EpgEvaluation, evaluate_loss, load_loss
 from .promotion import promote_version
@@ -47,14 +47,22 @@ class EvaluatePaths:
         )
 
 
-def discover_agents(models_dir: Path) -> dict[str, dict[str, Path]]:
-    """``models/metagrad/<game>/<variant>.pt`` -> {game: {variant: path}}, baseline first."""
-    agents: dict[str, dict[str, Path]] = {}
-    for path in sorted(models_dir.glob("*/*.pt")):
-        agents.setdefault(path.parent.name, {})[path.stem] = path
+def discover_agents(models_dir: Path) -> dict[str, dict[str, dict[int, Path]]]:
+    """``models/metagrad/<game>/<variant>/seed<k>.pt`` -> {game: {variant: {k: path}}}, baseline first."""
+    agents: dict[str, dict[str, dict[int, Path]]] = {}
+    for path in sorted(models_dir.glob("*/*/seed*.pt")):
+        seed = path.stem.removeprefix("seed")
+        if seed.isdigit():
+            game, variant = path.parent.parent.name, path.parent.name
+            agents.setdefault(game, {}).setdefault(variant, {})[int(seed)] = path
     order = list(VARIANT_LABELS)
     return {
-        game: dict(sorted(variants.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+        game: {
+            variant: dict(sorted(seeds.items()))
+            for variant, seeds in sorted(
+                variants.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99
+            )
+        }
         for game, variants in agents.items()
     }
 
@@ -241,42 +249,76 @@ def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
             ylabel="fitness",
             title="EPG: fitness of the evolved loss",
         )
-    atari = results.get("atari")
-    if atari:
-        hns_rows = [
-            {"game": game, "variant": variant, "mean_score": row.mean_score, "hns": row.hns}
-            for game, variants in atari.games.items()
-            for variant, row in variants.items()
-        ]
-        write_csv(plots / "hns.csv", hns_rows)
-        figures["Human-normalised score per game and variant"] = bar_plot(
-            reports / "hns.png",
-            {
-                game: {VARIANT_LABELS.get(v, v): 100 * row.hns for v, row in variants.items()}
-                for game, variants in atari.games.items()
-            },
-            ylabel="human-normalised score (%)",
-            title="No-op-start evaluation",
-        )
-        for game in atari.games:
-            for name in ("gamma", "lambda"):
-                series = {}
-                for csv_path in sorted((paths.plots_dir / "metagrad").glob(f"eta_{game}_*.csv")):
-                    variant = csv_path.stem.removeprefix(f"eta_{game}_")
-                    rows = read_csv(csv_path)
-                    series[VARIANT_LABELS.get(variant, variant)] = (
-                        [int(r["frames"]) for r in rows],
-                        [float(r[name]) for r in rows],
-                    )
-                if series:
-                    figures[f"{game}: {name} during training"] = line_plot(
-                        reports / f"{name}_{game}.png",
-                        series,
-                        xlabel="frames",
-                        ylabel=name,
-                        title=f"{game}: {name} vs frames",
-                    )
+    if results.get("atari"):
+        figures.update(write_atari_plots(results["atari"], paths))
     return figures
+
+
+def write_atari_plots(atari: dict, paths: EvaluatePaths) -> dict[str, Path]:
+    """HNS per game and variant with CIs over seeds; training curves with one line per variant and a
+    band over seeds (from the metagrad stage's per-cell CSVs)."""
+    figures: dict[str, Path] = {}
+    rows = [
+        {
+            "game": game,
+            "variant": variant,
+            "seeds": row["num_seeds"],
+            "mean_score": row["mean_score"],
+            "hns": row["hns"],
+            "hns_ci_low": row["hns_ci_low"],
+            "hns_ci_high": row["hns_ci_high"],
+        }
+        for game, variants in atari["games"].items()
+        for variant, row in variants.items()
+    ]
+    write_csv(paths.plots_dir / "evaluate/hns.csv", rows)
+    label = lambda variant: VARIANT_LABELS.get(variant, variant)  # noqa: E731
+    figures["Human-normalised score per game and variant"] = bar_plot(
+        paths.reports_dir / "hns.png",
+        {
+            game: {label(v): 100 * r["hns"] for v, r in variants.items()}
+            for game, variants in atari["games"].items()
+        },
+        errors={
+            game: {label(v): (100 * r["hns_ci_low"], 100 * r["hns_ci_high"]) for v, r in variants.items()}
+            for game, variants in atari["games"].items()
+        },
+        ylabel="human-normalised score (%), CI over seeds",
+        title="No-op-start evaluation",
+    )
+    for game in atari["games"]:
+        for kind, column, ylabel in (
+            ("returns", "episode_return", "raw episode return (moving avg of 10)"),
+            ("eta", "gamma", "gamma"),
+            ("eta", "lambda", "lambda"),
+        ):
+            curves = training_curves(paths.plots_dir / "metagrad", kind, game, column)
+            if curves:
+                name = "return" if kind == "returns" else column
+                figures[f"{game}: {name} during training"] = band_plot(
+                    paths.reports_dir / f"{name}_{game}.png",
+                    {label(v): seeds for v, seeds in curves.items()},
+                    xlabel="frames",
+                    ylabel=ylabel,
+                    title=f"{game}: {name} vs frames, one line per variant, band over seeds",
+                )
+    return figures
+
+
+def training_curves(folder: Path, kind: str, game: str, column: str) -> dict[str, list[tuple[list, list]]]:
+    """``<kind>_<game>_<variant>_seed<k>.csv`` files -> {variant: [(frames, values) per seed]}."""
+    curves: dict[str, list[tuple[list, list]]] = {}
+    for csv_path in sorted(folder.glob(f"{kind}_{game}_*_seed*.csv")):
+        variant, _, seed = csv_path.stem.removeprefix(f"{kind}_{game}_").rpartition("_seed")
+        if not seed.isdigit() or variant not in VARIANT_LABELS:
+            continue
+        rows = read_csv(csv_path)
+        values = [float(r[column]) for r in rows]
+        curves.setdefault(variant, []).append(
+            ([int(r["frames"]) for r in rows], smooth(values, 10) if kind == "returns" else values)
+        )
+    order = list(VARIANT_LABELS)
+    return dict(sorted(curves.items(), key=lambda kv: order.index(kv[0])))
 
 
 def summary_metrics(results: dict, run_id: str) -> dict:
@@ -292,12 +334,27 @@ def summary_metrics(results: dict, run_id: str) -> dict:
         }
     atari = results.get("atari")
     if atari:
+        keys = ("mean_score", "ci_low", "ci_high", "hns", "hns_ci_low", "hns_ci_high", "num_seeds")
         metrics["atari"] = {
-            game: {variant: {k: row.to_dict()[k] for k in ATARI_METRICS} for variant, row in variants.items()}
-            for game, variants in atari.games.items()
+            game: {
+                variant: {
+                    **{k: row[k] for k in keys},
+                    **(
+                        {
+                            "diff_vs_impala": {
+                                k: row["diff_vs_impala"][k] for k in ("mean", "ci_low", "ci_high")
+                            }
+                        }
+                        if "diff_vs_impala" in row
+                        else {}
+                    ),
+                }
+                for variant, row in variants.items()
+            }
+            for game, variants in atari["games"].items()
         }
-        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari.hns.items()}
-        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari.hns.items()}
+        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari["hns"].items()}
+        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari["hns"].items()}
     metrics["promotion"] = {k: v for k, v in results["promotion"].items()}
     metrics["mlflow_run_id"] = run_id
     return metrics

@@ -1,4 +1,9 @@
-"""The metagrad stage: train every configured variant on every configured game, same seed and frames."""
+"""The metagrad stage: train every (game, variant, seed) cell of the grid, same frames for all.
+
+Outputs: one agent per cell (``models/metagrad/<game>/<variant>/seed<k>.pt``), one MLflow child run per
+cell under the stage's run, per-cell curves and per-game plots with one line per variant and a band
+over seeds. Where the cells run (serially or on Ray) is ``metagrad.ray``; see ``grid.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,17 @@ import torch
 from ..config import METAGRAD_VARIANTS, PipelineConfig
 from ..devices import resolve_device
 from ..io import torch_load, write_csv, write_json
-from ..plots import line_plot, smooth
+from ..plots import band_plot, smooth
 from ..prepare import atari_score_table
-from ..seeding import variant_seed
 from ..stage import resumable_stage_run
-from .train import (
-    History,
-    VariantResult,
-    export_model,
-    limit_cpu_threads_for,
-    train_variant,
-)
+from ..tracking import ChildRun
+from .grid import Cell, CellOutcome, grid_cells, run_grid, write_model
+from .train import History, limit_cpu_threads_for
 
 log = logging.getLogger(__name__)
+
+# histories[game][variant][seed]
+Histories = dict[str, dict[str, dict[int, History]]]
 
 
 def run_metagrad(
@@ -30,115 +33,143 @@ def run_metagrad(
 ) -> dict:
     cfg = config.metagrad
     limit_cpu_threads_for(resolve_device(cfg.device, "metagrad.device"))
+    # absolute: Ray workers do not share the driver's working directory
+    storage = Path(cfg.ray.checkpoint_storage or checkpoint_dir).resolve()
     with resumable_stage_run("metagrad", config, checkpoint_dir) as (run, _):
-        run.set_tags({"torch_threads": torch.get_num_threads()})
-        results: dict[str, dict[str, VariantResult]] = {}
-        for game in cfg.games:
-            seed = variant_seed(config.seed, game)
-            for variant in cfg.variants:
-                result, learner = train_variant(
-                    cfg, game, variant, seed, checkpoint_dir / f"{game}_{variant}.pt", tracker=run
-                )
-                model_path = export_model(learner, result, cfg, models_dir / game / f"{variant}.pt")
-                run.log_artifact(model_path, artifact_path=f"models/{game}")
-                results.setdefault(game, {})[variant] = result
-                log.info(
-                    "%s/%s: %d frames, last-10 return %s, gamma %.4f, lambda %.3f, %.0f frames/s",
-                    game,
-                    variant,
-                    result.frames,
-                    result.final_return,
-                    result.gamma,
-                    result.lambda_,
-                    result.frames_per_second,
-                )
-        histories = {game: {v: r.history for v, r in variants.items()} for game, variants in results.items()}
+        run.set_tags({"torch_threads": torch.get_num_threads(), "cells": len(grid_cells(cfg))})
+
+        def finish_cell(outcome: CellOutcome, cell_run: ChildRun) -> None:
+            model_path = write_model(outcome, models_dir)
+            cell_run.log_artifact(model_path, artifact_path="model")
+            r = outcome.result
+            log.info(
+                "%s: %d frames, last-10 return %s, gamma %.4f, lambda %.3f, %.0f frames/s",
+                outcome.cell.key,
+                r.frames,
+                r.final_return,
+                r.gamma,
+                r.lambda_,
+                r.frames_per_second,
+            )
+
+        outcomes = run_grid(
+            cfg,
+            grid_cells(cfg),
+            storage,
+            open_cell_run=lambda cell: ChildRun(run, cell.key, cell.tags()),
+            on_done=finish_cell,
+        )
+        histories: Histories = {}
+        for outcome in outcomes:
+            cell = outcome.cell
+            histories.setdefault(cell.game, {}).setdefault(cell.variant, {})[cell.seed] = (
+                outcome.result.history
+            )
         for path in write_curves(histories, plots_dir):
             run.log_artifact(path, artifact_path="plots")
-        metrics = {
-            game: {
-                variant: {
-                    "frames": r.frames,
-                    "updates": r.updates,
-                    "episodes": r.episodes,
-                    "final_return_last10": r.final_return,
-                    "gamma": r.gamma,
-                    "lambda": r.lambda_,
-                    "frames_per_second": r.frames_per_second,
-                }
-                for variant, r in variants.items()
-            }
-            for game, variants in results.items()
-        }
+        metrics = cell_metrics(outcomes)
         metrics["mlflow_run_id"] = run.run_id
         write_json(metrics_path, metrics)
         return metrics
 
 
-def write_curves(histories: dict[str, dict[str, History]], plots_dir: Path) -> list[Path]:
-    """Per game: raw return vs frames and gamma/lambda vs frames, as DVC CSVs and PNGs."""
+def cell_metrics(outcomes: list[CellOutcome]) -> dict:
+    """``metrics[game][variant]["seed<k>"]``: the DVC metrics of every cell."""
+    metrics: dict = {}
+    for outcome in outcomes:
+        cell, r = outcome.cell, outcome.result
+        metrics.setdefault(cell.game, {}).setdefault(cell.variant, {})[f"seed{cell.seed}"] = {
+            "frames": r.frames,
+            "updates": r.updates,
+            "episodes": r.episodes,
+            "final_return_last10": r.final_return,
+            "gamma": r.gamma,
+            "lambda": r.lambda_,
+            "frames_per_second": r.frames_per_second,
+        }
+    return metrics
+
+
+def write_curves(histories: Histories, plots_dir: Path) -> list[Path]:
+    """Per cell: return and gamma/lambda vs frames as DVC CSVs; per game: PNGs with one line per
+    variant (mean over seeds) and a band over seeds."""
     paths = []
     for game, variants in histories.items():
-        for variant, h in variants.items():
-            paths.append(
-                write_csv(
-                    plots_dir / f"returns_{game}_{variant}.csv",
-                    [
-                        {"frames": f, "episode_return": v}
-                        for f, v in zip(h.episode_frames, h.episode_returns, strict=True)
-                    ],
-                    fieldnames=["frames", "episode_return"],
-                )
-            )
-            paths.append(
-                write_csv(
-                    plots_dir / f"eta_{game}_{variant}.csv",
-                    [
-                        {"frames": f, "gamma": g, "lambda": lam}
-                        for f, g, lam in zip(h.update_frames, h.gammas, h.lambdas, strict=True)
-                    ],
-                    fieldnames=["frames", "gamma", "lambda"],
-                )
-            )
+        for variant, seeds in variants.items():
+            for seed, h in seeds.items():
+                paths += write_cell_curves(h, plots_dir, f"{game}_{variant}_seed{seed}")
         scores = atari_score_table()["games"].get(game)
         paths.append(
-            line_plot(
+            band_plot(
                 plots_dir / f"returns_{game}.png",
-                {v: (h.episode_frames, smooth(h.episode_returns, 10)) for v, h in variants.items()},
+                {
+                    v: [(h.episode_frames, smooth(h.episode_returns, 10)) for h in seeds.values()]
+                    for v, seeds in variants.items()
+                },
                 xlabel="frames",
                 ylabel="raw episode return (moving avg of 10)",
-                title=f"{game}: return vs frames",
+                title=f"{game}: return vs frames" + seeds_note(variants),
                 reference_lines={"random": scores["random"], "human": scores["human"]} if scores else None,
             )
         )
         for name, attribute in (("gamma", "gammas"), ("lambda", "lambdas")):
             paths.append(
-                line_plot(
+                band_plot(
                     plots_dir / f"{name}_{game}.png",
-                    {v: (h.update_frames, getattr(h, attribute)) for v, h in variants.items()},
+                    {
+                        v: [(h.update_frames, getattr(h, attribute)) for h in seeds.values()]
+                        for v, seeds in variants.items()
+                    },
                     xlabel="frames",
                     ylabel=name,
-                    title=f"{game}: {name} vs frames",
+                    title=f"{game}: {name} vs frames" + seeds_note(variants),
                 )
             )
     return paths
 
 
-def checkpoint_histories(checkpoint_dir: Path) -> dict[str, dict[str, History]]:
-    """Histories of every ``<game>_<variant>.pt`` training checkpoint in a metagrad checkpoint folder.
+def seeds_note(variants: dict[str, dict[int, History]]) -> str:
+    count = max(len(seeds) for seeds in variants.values())
+    return f" (mean and range over {count} seeds)" if count > 1 else ""
+
+
+def write_cell_curves(h: History, plots_dir: Path, name: str) -> list[Path]:
+    return [
+        write_csv(
+            plots_dir / f"returns_{name}.csv",
+            [
+                {"frames": f, "episode_return": v}
+                for f, v in zip(h.episode_frames, h.episode_returns, strict=True)
+            ],
+            fieldnames=["frames", "episode_return"],
+        ),
+        write_csv(
+            plots_dir / f"eta_{name}.csv",
+            [
+                {"frames": f, "gamma": g, "lambda": lam}
+                for f, g, lam in zip(h.update_frames, h.gammas, h.lambdas, strict=True)
+            ],
+            fieldnames=["frames", "gamma", "lambda"],
+        ),
+    ]
+
+
+def checkpoint_histories(checkpoint_dir: Path) -> Histories:
+    """Histories of every ``<game>/<variant>/seed<k>.pt`` cell checkpoint in a metagrad checkpoint folder.
 
     Works on a stage that is still running or was stopped: the curves so far, without its outputs.
     """
-    histories: dict[str, dict[str, History]] = {}
-    for path in sorted(Path(checkpoint_dir).glob("*.pt")):
-        variant = max((v for v in METAGRAD_VARIANTS if path.stem.endswith(f"_{v}")), key=len, default=None)
-        if variant is None:
+    histories: Histories = {}
+    for path in sorted(Path(checkpoint_dir).glob("*/*/seed*.pt")):
+        variant, seed = path.parent.name, path.stem.removeprefix("seed")
+        if variant not in METAGRAD_VARIANTS or not seed.isdigit():
             continue
-        game = path.stem[: -len(variant) - 1]
-        histories.setdefault(game, {})[variant] = History(**torch_load(path)["history"])
+        cell = Cell(path.parent.parent.name, variant, int(seed))
+        history = History(**torch_load(path)["history"])
+        histories.setdefault(cell.game, {}).setdefault(cell.variant, {})[cell.seed] = history
     if not histories:
         raise FileNotFoundError(
-            f"no metagrad training checkpoints (<game>_<variant>.pt with variant one of "
+            f"no metagrad cell checkpoints (<game>/<variant>/seed<k>.pt with variant one of "
             f"{', '.join(METAGRAD_VARIANTS)}) in {checkpoint_dir}"
         )
     return histories

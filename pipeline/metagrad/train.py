@@ -258,11 +258,10 @@ class TrainingLoop:
         history.gammas.append(stats["gamma"])
         history.lambdas.append(stats["lambda"])
         if tracker is not None:
-            prefix = name.replace("/", ".")
-            metrics = {f"{prefix}.{k}": v for k, v in stats.items()}
-            metrics[f"{prefix}.frames_per_second"] = self.frames / max(self.elapsed, 1e-9)
+            # the cell's own run: one metric name per quantity across cells
+            metrics = {**stats, "frames_per_second": self.frames / max(self.elapsed, 1e-9)}
             if len(returns):
-                metrics[f"{prefix}.episode_return"] = float(np.mean(returns))
+                metrics["episode_return"] = float(np.mean(returns))
             tracker.queue_metrics(metrics, step=self.frames)
             if self.updates % config.log_every == 0:
                 tracker.flush_metrics()
