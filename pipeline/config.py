@@ -259,6 +259,34 @@ class MetagradConfig(Frozen):
         return variants
 
 
+# --------------------------------------------------------------------------------------------- maml
+class MamlConfig(Frozen):
+    """MAML for RL (Finn et al. 2017): a policy initialisation meta-trained by TRPO so that
+    ``inner_steps`` vanilla policy-gradient steps (linear feature baseline) adapt it to a task."""
+
+    family: TaskFamily = "point_goal"
+    iterations: PositiveInt = 100  # meta-iterations (TRPO steps)
+    meta_batch_size: PositiveInt = 20  # tasks per meta-iteration, drawn from the train split
+    rollouts_per_task: PositiveInt = 20  # episodes per task per inner step (K in the paper)
+    horizon: PositiveInt = 100  # steps per episode at most (the family may end it sooner)
+    inner_steps: PositiveInt = 1
+    inner_lr: PositiveFloat = 0.1  # alpha
+    first_order: bool = False  # true: FOMAML (the inner gradient is not differentiated)
+    gamma: Probability = 0.99
+    normalize_advantages: bool = True  # per task, after the linear feature baseline
+    max_kl: PositiveFloat = 0.01  # TRPO trust region delta
+    cg_iterations: PositiveInt = 10
+    cg_damping: Annotated[float, Field(ge=0)] = 1e-5
+    line_search_steps: PositiveInt = 15
+    line_search_backtrack: Probability = 0.5
+    policy_hidden: list[PositiveInt] = Field(default=[64, 64], min_length=1)
+    init_log_std: float = 0.0
+    eval_inner_steps: Annotated[int, Field(ge=0)] = 3  # test tasks are evaluated after 0..this many steps
+    eval_tasks: PositiveInt = 16  # test tasks evaluated at the end (at most the test split's size)
+    device: Device = "auto"
+    checkpoint_every: PositiveInt = 5
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 class EpgEvalConfig(Frozen):
     loss: str = "models/epg/loss.pt"  # a file, or a registry URI such as models:/epg-loss@champion
@@ -303,6 +331,7 @@ class PipelineConfig(Frozen):
     prepare: PrepareConfig
     evolve: EvolveConfig = EvolveConfig()
     metagrad: MetagradConfig
+    maml: MamlConfig = MamlConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
@@ -314,8 +343,14 @@ class PipelineConfig(Frozen):
             raise ValueError(f"evolve.family {self.evolve.family!r} must be listed in prepare.task_families")
         return self
 
+    @model_validator(mode="after")
+    def _maml_family_prepared(self):
+        if self.maml.family not in self.prepare.task_families:
+            raise ValueError(f"maml.family {self.maml.family!r} must be listed in prepare.task_families")
+        return self
 
-STAGES = ("prepare", "evolve", "metagrad", "evaluate")
+
+STAGES = ("prepare", "evolve", "metagrad", "maml", "evaluate")
 
 
 def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
