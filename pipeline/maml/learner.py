@@ -50,8 +50,10 @@ def sample_adaptation(
     device="cpu",
 ) -> tuple[list[Episodes], dict]:
     """Episodes of theta0 and of the policies after 1..``inner_steps`` inner steps on every task (one
-    batched env of len(tasks) x N copies): ``inner_steps + 1`` episode sets and the adapted policies."""
-    env = make_env(family, [task for task in tasks for _ in range(config.rollouts_per_task)], device=device)
+    batched env of len(tasks) x N copies, in theta0's dtype): ``inner_steps + 1`` episode sets and the
+    adapted policies."""
+    copies = [task for task in tasks for _ in range(config.rollouts_per_task)]
+    env = make_env(family, copies, dtype=next(iter(theta0.values())).dtype, device=device)
     sample = partial(
         sample_episodes,
         spec,

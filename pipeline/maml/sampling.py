@@ -63,7 +63,7 @@ def draw_noise(
         else torch.rand(shape, generator=generator)
     )
     reset = torch.rand(tasks * rollouts, env.noise_dim, generator=generator)
-    return pol.action_noise(spec, raw).to(env.device), reset.to(env.device)
+    return pol.action_noise(spec, raw).to(env.device, env.dtype), reset.to(env.device)
 
 
 @torch.no_grad()
