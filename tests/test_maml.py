@@ -90,6 +90,22 @@ def test_inner_step_is_the_finite_difference_gradient_of_the_inner_loss(family):
         assert dot(gradient, direction) == pytest.approx(fd, rel=1e-6, abs=1e-9)
 
 
+def test_stacked_inner_gradient_equals_vmap_of_per_task_gradients():
+    spec, theta, batch = tiny_batch("point_goal")
+    train = batch.train[0]
+    params = {k: v.contiguous() for k, v in meta.expand_tasks(theta, batch.tasks).items()}
+    stepped = meta.inner_step(spec, params, train, TINY.inner_lr, first_order=False)
+
+    def one_task_loss(p, obs, actions, advantages, mask):  # unbatched policy, one task's rows
+        log_prob = pol.log_prob(spec, pol.policy_head(spec, p, obs), actions)
+        return -(log_prob * advantages * mask).sum() / mask.sum()
+
+    rows = [meta.task_rows(x) for x in (train.obs, train.actions, train.advantages, train.mask)]
+    per_task = torch.func.vmap(torch.func.grad(one_task_loss))(params, *rows)
+    for k in params:
+        torch.testing.assert_close(params[k] - stepped[k], TINY.inner_lr * per_task[k])
+
+
 @pytest.mark.parametrize("family", ["point_goal", "random_cartpole"])
 def test_second_order_meta_gradient_matches_finite_differences_and_differs_from_first_order(family):
     spec, theta, batch = tiny_batch(family)

@@ -157,7 +157,7 @@ def run_maml(
             "last_pre_adaptation_return": history[-1]["pre_adaptation_return"] if history else None,
             "last_post_adaptation_return": history[-1]["post_adaptation_return"] if history else None,
             "test_tasks": len(eval_tasks),
-            "test_return_after_steps": test_returns,
+            "test_return_after_steps": {str(k): value for k, value in enumerate(test_returns)},
             "env_steps_per_second": sum(r["env_steps_per_second"] for r in history) / max(1, len(history)),
             "registered_model": REGISTERED_MODEL,
             "registered_version": version,
