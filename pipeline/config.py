@@ -265,10 +265,10 @@ class MamlConfig(Frozen):
     ``inner_steps`` vanilla policy-gradient steps (linear feature baseline) adapt it to a task."""
 
     family: TaskFamily = "point_goal"
-    iterations: PositiveInt = 100  # meta-iterations (TRPO steps)
+    iterations: PositiveInt = 40  # meta-iterations (TRPO steps)
     meta_batch_size: PositiveInt = 20  # tasks per meta-iteration, drawn from the train split
-    rollouts_per_task: PositiveInt = 20  # episodes per task per inner step (K in the paper)
-    horizon: PositiveInt = 100  # steps per episode at most (the family may end it sooner)
+    rollouts_per_task: PositiveInt = 10  # episodes per task per inner step (K in the paper: 20)
+    horizon: PositiveInt = 50  # steps per episode at most (the family may end it sooner)
     inner_steps: PositiveInt = 1
     inner_lr: PositiveFloat = 0.1  # alpha
     first_order: bool = False  # true: FOMAML (the inner gradient is not differentiated)
