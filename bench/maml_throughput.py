@@ -67,6 +67,8 @@ def main() -> None:
         "horizon": args.horizon,
     }
     config = base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if config.threads:
+        torch.set_num_threads(config.threads)  # as the stage runs
     family, n = config.family, config.rollouts_per_task
     tasks = sample_tasks(family, "train", config.meta_batch_size, 0)
     spec = policy_spec(family, config)

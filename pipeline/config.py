@@ -284,6 +284,9 @@ class MamlConfig(Frozen):
     eval_inner_steps: Annotated[int, Field(ge=0)] = 3  # test tasks are evaluated after 0..this many steps
     eval_tasks: PositiveInt = 16  # test tasks evaluated at the end (at most the test split's size)
     device: Device = "auto"
+    # torch intra-op threads (0: torch's default, one per core). The meta-batch's matrices are small:
+    # on 2 shared cores, two threads spent 8x the CPU time of one (spinning OpenMP workers).
+    threads: Annotated[int, Field(ge=0)] = 1
     checkpoint_every: PositiveInt = 5
 
 

@@ -36,6 +36,15 @@ TINY = MamlConfig(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """As the stage runs (maml.threads = 1); restored for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def double_theta(spec: pol.PolicySpec, seed: int = 0, scale: float = 0.5) -> dict:
     """A float64 theta0 away from the near-uniform init, so that every derivative is far from zero."""
     generator = torch.Generator().manual_seed(seed + 100)

@@ -14,6 +14,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .. import tracking
@@ -59,48 +60,13 @@ def run_maml(
     checkpoint_dir: Path,
 ) -> dict:
     maml = config.maml
-    section_hash = params_hash(section_dict(config, "maml"))
     tasks = load_tasks(tasks_path, maml.family)
     device = resolve_device(maml.device, "maml.device")
-    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
-
+    if maml.threads:
+        torch.set_num_threads(maml.threads)
     with resumable_stage_run("maml", config, checkpoint_dir) as (run, resume_key):
         learner = MamlLearner(maml, tasks["train"], derived_seed(config.seed, "train"), device)
-        start, history = 0, []
-        if checkpoint_path.exists():
-            state = torch_load(checkpoint_path)
-            if state["resume_key"] == resume_key:
-                learner.load_state(state["learner"])
-                start, history = state["iteration"], state["history"]
-                log.info("maml: resumed from %s at iteration %d", checkpoint_path, start)
-
-        def save_checkpoint(next_iteration: int) -> None:
-            state = {"resume_key": resume_key, "iteration": next_iteration, "history": history}
-            torch_save(checkpoint_path, {**state, "learner": learner.state()})
-
-        progress = tqdm(
-            range(start, maml.iterations), desc="maml", unit="it", initial=start, total=maml.iterations
-        )
-        for iteration in progress:
-            row = {"iteration": iteration, **learner.step()}
-            history.append(row)
-            run.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
-            progress.set_postfix(
-                pre=f"{row['pre_adaptation_return']:.1f}", post=f"{row['post_adaptation_return']:.1f}"
-            )
-            log.info(
-                "iteration %d: return %.2f -> %.2f after adaptation, kl %.4f, %d line-search steps",
-                iteration,
-                row["pre_adaptation_return"],
-                row["post_adaptation_return"],
-                row["kl"],
-                row["line_search_steps"],
-            )
-            if (iteration + 1) % maml.checkpoint_every == 0:
-                save_checkpoint(iteration + 1)
-        progress.close()
-        save_checkpoint(maml.iterations)
-
+        history = train(learner, run, checkpoint_dir / CHECKPOINT_FILE, resume_key)
         eval_tasks = tasks["test"][: maml.eval_tasks]
         test_returns = adaptation_returns(
             learner.spec,
@@ -112,44 +78,7 @@ def run_maml(
             device,
         )
         run.log_metric_series("test_return", test_returns, range(len(test_returns)))
-        commit, dirty = tracking.git_state()
-        spec = learner.spec
-        torch_save(
-            policy_path,
-            {
-                "format_version": POLICY_FORMAT_VERSION,
-                "theta": learner.state()["theta"],
-                "family": maml.family,
-                "obs_dim": spec.obs_dim,
-                "action_dim": spec.action_dim,
-                "discrete": spec.discrete,
-                "maml": maml.model_dump(mode="json"),
-                "test_returns": test_returns,
-                "params_hash": section_hash,
-                "seed": config.seed,
-                "git_commit": commit,
-            },
-        )
-        history_csv = write_csv(plots_dir / "returns.csv", history, fieldnames=HISTORY_COLUMNS)
-        history_png = plot_returns(history, plots_dir / "returns.png")
-        for path in (history_csv, history_png):
-            run.log_artifact(path, artifact_path="maml")
-        post = test_returns[min(maml.inner_steps, len(test_returns) - 1)]
-        version = register_policy(
-            run,
-            policy_path,
-            REGISTERED_MODEL,
-            tags={
-                "run_id": run.run_id,
-                "family": maml.family,
-                "test_return_pre": f"{test_returns[0]:.4f}",
-                "test_return_post": f"{post:.4f}",
-                "git_commit": commit,
-                "git_dirty": str(dirty).lower(),
-                "params_hash": section_hash,
-            },
-        )
-        log.info("registered %s version %s (alias candidate)", REGISTERED_MODEL, version)
+        version = write_outputs(config, run, learner, history, test_returns, policy_path, plots_dir)
         metrics = {
             "family": maml.family,
             "iterations": len(history),
@@ -165,6 +94,103 @@ def run_maml(
         }
         write_json(metrics_path, metrics)
         return metrics
+
+
+def train(learner: MamlLearner, run, checkpoint_path: Path, resume_key: str) -> list[dict]:
+    """The meta-iterations not done yet (resumed from ``checkpoint_path`` when it matches
+    ``resume_key``), logged to ``run`` and checkpointed every ``checkpoint_every``; returns the history."""
+    config = learner.config
+    start, history = 0, []
+    if checkpoint_path.exists():
+        state = torch_load(checkpoint_path)
+        if state["resume_key"] == resume_key:
+            learner.load_state(state["learner"])
+            start, history = state["iteration"], state["history"]
+            log.info("maml: resumed from %s at iteration %d", checkpoint_path, start)
+
+    def save_checkpoint(next_iteration: int) -> None:
+        state = {"resume_key": resume_key, "iteration": next_iteration, "history": history}
+        torch_save(checkpoint_path, {**state, "learner": learner.state()})
+
+    progress = tqdm(
+        range(start, config.iterations),
+        desc="maml",
+        unit="it",
+        initial=start,
+        total=config.iterations,
+        disable=None,
+    )
+    for iteration in progress:
+        row = {"iteration": iteration, **learner.step()}
+        history.append(row)
+        run.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
+        progress.set_postfix(
+            pre=f"{row['pre_adaptation_return']:.1f}", post=f"{row['post_adaptation_return']:.1f}"
+        )
+        log.info(
+            "iteration %d: return %.2f -> %.2f after adaptation, kl %.4f, %d line-search steps",
+            iteration,
+            row["pre_adaptation_return"],
+            row["post_adaptation_return"],
+            row["kl"],
+            row["line_search_steps"],
+        )
+        if (iteration + 1) % config.checkpoint_every == 0:
+            save_checkpoint(iteration + 1)
+    progress.close()
+    save_checkpoint(config.iterations)
+    return history
+
+
+def write_outputs(
+    config: PipelineConfig,
+    run,
+    learner: MamlLearner,
+    history: list[dict],
+    test_returns: list[float],
+    policy_path: Path,
+    plots_dir: Path,
+) -> str:
+    """The policy file, the returns CSV and plot, logged to ``run``; the policy registered as a new
+    ``maml-policy`` version (alias ``candidate``), whose number is returned."""
+    maml, spec = config.maml, learner.spec
+    section_hash = params_hash(section_dict(config, "maml"))
+    commit, dirty = tracking.git_state()
+    policy = {
+        "format_version": POLICY_FORMAT_VERSION,
+        "theta": learner.state()["theta"],
+        "family": maml.family,
+        "obs_dim": spec.obs_dim,
+        "action_dim": spec.action_dim,
+        "discrete": spec.discrete,
+        "maml": maml.model_dump(mode="json"),
+        "test_returns": test_returns,
+        "params_hash": section_hash,
+        "seed": config.seed,
+        "git_commit": commit,
+    }
+    torch_save(policy_path, policy)
+    history_csv = write_csv(plots_dir / "returns.csv", history, fieldnames=HISTORY_COLUMNS)
+    history_png = plot_returns(history, plots_dir / "returns.png")
+    for path in (history_csv, history_png):
+        run.log_artifact(path, artifact_path="maml")
+    post = test_returns[min(maml.inner_steps, len(test_returns) - 1)]
+    version = register_policy(
+        run,
+        policy_path,
+        REGISTERED_MODEL,
+        tags={
+            "run_id": run.run_id,
+            "family": maml.family,
+            "test_return_pre": f"{test_returns[0]:.4f}",
+            "test_return_post": f"{post:.4f}",
+            "git_commit": commit,
+            "git_dirty": str(dirty).lower(),
+            "params_hash": section_hash,
+        },
+    )
+    log.info("registered %s version %s (alias candidate)", REGISTERED_MODEL, version)
+    return version
 
 
 def register_policy(run, policy_file: Path, model_name: str, tags: dict, alias: str = "candidate") -> str:
