@@ -412,3 +412,49 @@ def test_bad_maml_params_exit_2_naming_the_key_and_write_nothing(tmp_path, capsy
     with pytest.raises(SystemExit):
         stage_main("maml", lambda config, root: pytest.fail("the stage ran"), ["--params", str(bad)])
     assert "maml.family 'random_hopper' must be listed in prepare.task_families" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_maml_stage_killed_with_sigkill_resumes_to_the_uninterrupted_policy(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.io import read_json, torch_load, write_json
+    from pipeline.prepare import task_splits
+
+    config = tiny_pipeline_config(iterations=20)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["maml"] = config.maml.model_dump(mode="json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    env.pop("PIPELINE_RUN_ID", None)
+
+    def stage(root: Path) -> subprocess.Popen:
+        write_json(root / "data/prepared/tasks.json", task_splits(config.prepare, config.seed))
+        command = [sys.executable, str(REPO / "stages/maml.py"), "--params", str(tmp_path / "params.yaml")]
+        return subprocess.Popen(
+            [*command, "--output-root", str(root)], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL
+        )
+
+    assert stage(tmp_path / "a").wait(timeout=600) == 0
+    process = stage(tmp_path / "b")
+    checkpoint = tmp_path / "b/checkpoints/maml/maml.pt"
+    while process.poll() is None and not (checkpoint.exists() and torch_load(checkpoint)["iteration"] >= 4):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (tmp_path / "b/metrics/maml.json").exists(), "the stage finished before it was killed"
+    killed_run = read_json(tmp_path / "b/checkpoints/maml/run.json")["mlflow_run_id"]
+    assert stage(tmp_path / "b").wait(timeout=600) == 0
+
+    a, b = (torch_load(tmp_path / f"{x}/models/maml/policy.pt") for x in "ab")
+    for name in a["theta"]:
+        assert torch.equal(a["theta"][name], b["theta"][name])
+    assert read_json(tmp_path / "b/metrics/maml.json")["mlflow_run_id"] == killed_run
