@@ -137,7 +137,7 @@ def test_unknown_nested_key_lists_keys_of_the_nested_section(write_params):
 def test_unknown_top_level_key(write_params):
     (line,) = config_error_lines(write_params(lambda d: d.update(evolv={})))
     assert "evolv: unknown key" in line
-    assert line.endswith("allowed here: seed, tracking, prepare, evolve, metagrad, evaluate")
+    assert line.endswith("allowed here: seed, tracking, prepare, evolve, metagrad, maml, evaluate")
 
 
 def test_aliased_key_is_offered_by_its_yaml_name(write_params):

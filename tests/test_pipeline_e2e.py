@@ -1,4 +1,4 @@
-"""End to end, as a user runs it: `dvc repro` of all four stages in a fresh git repo with tiny params.
+"""End to end, as a user runs it: `dvc repro` of all five stages in a fresh git repo with tiny params.
 
 Checks: every stage ran; the evaluate metrics hold the promised figures; MLflow has one run per stage
 sharing a pipeline-run id; the registry holds a loss version; a second `dvc repro` runs nothing;
@@ -48,6 +48,16 @@ TINY = {
         "loss_net": {"memory_units": 4},
     },
     "metagrad": {"frames": 1280, "num_envs": 4, "unroll": 4, "checkpoint_every": 2, "log_every": 1},
+    "maml": {
+        "iterations": 2,
+        "meta_batch_size": 2,
+        "rollouts_per_task": 2,
+        "horizon": 10,
+        "policy_hidden": [16],
+        "checkpoint_every": 1,
+        "eval_tasks": 2,
+        "eval_inner_steps": 1,
+    },
     "evaluate": {
         "epg": {"seeds": 2, "max_tasks_per_split": 2, "curve_points": 2},
         "atari": {"episodes": 2, "max_episode_frames": 2000},
@@ -75,7 +85,7 @@ def run(command: list[str], cwd: Path, env: dict) -> str:
 def stages_run(output: str) -> set[str]:
     return {
         stage
-        for stage in ("prepare", "evolve", "metagrad", "evaluate")
+        for stage in ("prepare", "evolve", "metagrad", "maml", "evaluate")
         if f"Running stage '{stage}'" in output
     }
 
@@ -122,14 +132,16 @@ def mlflow_runs(root: Path) -> list:
 
 
 @pytest.mark.e2e
-def test_dvc_repro_runs_all_four_stages(project):
+def test_dvc_repro_runs_every_stage(project):
     root, info = project
-    assert stages_run(info["first_output"]) == {"prepare", "evolve", "metagrad", "evaluate"}
+    assert stages_run(info["first_output"]) == {"prepare", "evolve", "metagrad", "maml", "evaluate"}
     for path in [
         "data/prepared/tasks.json",
         "models/epg/loss.pt",
         "models/metagrad/pong/impala/seed0.pt",
         "models/metagrad/pong/gamma_lambda/seed0.pt",
+        "models/maml/policy.pt",
+        "plots/maml/returns.csv",
         "reports/report.md",
         "plots/evolve/fitness.csv",
         "reports/curves_test.png",
@@ -164,13 +176,13 @@ def test_mlflow_has_one_run_per_stage_sharing_a_pipeline_run_id_and_a_registered
     client, all_runs = mlflow_runs(root)
     runs = [run for run in all_runs if "mlflow.parentRunId" not in run.data.tags]
     by_stage = {run.data.tags["pipeline.stage"]: run for run in runs}
-    assert set(by_stage) == {"prepare", "evolve", "metagrad", "evaluate"}
-    assert len(runs) == 4
+    assert set(by_stage) == {"prepare", "evolve", "metagrad", "maml", "evaluate"}
+    assert len(runs) == 5
     cells = [
         run for run in all_runs if run.data.tags.get("mlflow.parentRunId") == by_stage["metagrad"].info.run_id
     ]
     assert sorted(run.data.tags["variant"] for run in cells) == ["gamma_lambda", "impala"]  # one per cell
-    assert len(all_runs) == 6
+    assert len(all_runs) == 7
     assert len({run.data.tags["pipeline.run_id"] for run in runs}) == 1
     for stage, run in by_stage.items():
         stage_metrics = json.loads((root / f"metrics/{stage}.json").read_text())
@@ -180,6 +192,9 @@ def test_mlflow_has_one_run_per_stage_sharing_a_pipeline_run_id_and_a_registered
     assert len(versions) == 1
     assert client.get_model_version_by_alias("epg-loss", "champion").version == versions[0].version
     assert "heldout_return" in versions[0].tags
+    maml_versions = client.search_model_versions("name='maml-policy'")
+    assert len(maml_versions) == 1
+    assert client.get_model_version_by_alias("maml-policy", "candidate").version == maml_versions[0].version
 
 
 @pytest.mark.e2e
