@@ -170,12 +170,15 @@ def test_one_adam_step_moves_the_memory_pre_activation_by_about_65_lr():
 
 
 def test_memory_units_start_near_zero_and_are_shared_by_members():
+    """As in the official code: every input's row of W has norm 0.01 and b = 0, so with U units the
+    pre-activation has std ~ 0.01 sqrt(64 / U)."""
     lifetimes = lifetimes_with_random_buffer(TINY_NET, members=2)
-    fresh = inner_module.Lifetimes(
-        "point_goal", lifetimes.tasks, TINY_INNER, lifetimes.loss, TINY_NET, crn_seed=0
-    ).memory_units()
-    assert fresh.abs().max() < 0.05 and fresh.abs().max() > 0
-    assert torch.equal(fresh[0], fresh[1]), "members must start from the same memory (common random numbers)"
+    fresh = inner_module.Lifetimes("point_goal", lifetimes.tasks, TINY_INNER, lifetimes.loss, TINY_NET, 0)
+    assert torch.allclose(fresh.memory["w"].norm(dim=-1), torch.tensor(0.01))
+    assert not fresh.memory["b"].any()
+    units = fresh.memory_units()
+    assert 0 < units.abs().max() < 0.2
+    assert torch.equal(units[0], units[1]), "members must start from the same memory (common random numbers)"
 
 
 def test_a_lifetimes_moments_are_those_of_its_own_observations_and_actions():
