@@ -226,9 +226,11 @@ def test_metagrad_games_must_be_prepared(write_params):
 
 
 def test_evolve_family_must_be_a_prepared_task_family(write_params):
-    (line,) = config_error_lines(
-        write_params(lambda d: d["prepare"].update(task_families=["random_cartpole"]))
-    )
+    def unprepared_family(d):
+        d["prepare"].update(task_families=["random_cartpole"])
+        d["evolve"].update(family="point_goal")
+
+    (line,) = config_error_lines(write_params(unprepared_family))
     assert "evolve.family 'point_goal' must be listed in prepare.task_families" in line
 
 

@@ -18,6 +18,7 @@ from pipeline.epg import inner as inner_module
 from pipeline.epg.inner import LossSetting, run_lifetimes
 from pipeline.epg.loss_net import LossNetwork, MemberLosses, ParamLayout, apply_loss_net
 from pipeline.epg.problem import EPGProblem, OpenAIES, learning_rate, ppo_weight
+from pipeline.rl.normalizer import MIN_STD, update_moments
 
 
 # ----------------------------------------------------------------------------------------- loss network
@@ -76,8 +77,12 @@ def test_member_losses_equal_the_vmapped_loss_network_in_value_and_gradient(memo
         assert torch.allclose(got, want, atol=1e-5)
 
 
+EMPTY_ROWS = 8  # buffer steps that have not happened yet in lifetimes_with_random_buffer
+
+
 def lifetimes_with_random_buffer(net: LossNetConfig, members: int = 1) -> inner_module.Lifetimes:
-    """Point-goal lifetimes (2 workers) whose loss buffer holds random (but fixed) data."""
+    """Point-goal lifetimes (2 workers) whose loss buffer holds random (but fixed) data, all but its
+    first EMPTY_ROWS steps having happened, and whose normaliser has seen other random data."""
     family = "point_goal"
     tasks = sample_tasks(family, "train", 2, 0)
     setting = LossSetting("epg", phi=tiny_phi(family, members))
@@ -85,26 +90,44 @@ def lifetimes_with_random_buffer(net: LossNetConfig, members: int = 1) -> inner_
     generator = torch.Generator().manual_seed(1)
     for tensor in lifetimes.buffer.values():
         tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    lifetimes.buffered_steps = TINY_INNER.buffer_size - EMPTY_ROWS
+    seen = 3 * torch.randn(32, lifetimes.lifetimes, 6, generator=generator) + 2
+    lifetimes.obs_moments = update_moments(lifetimes.obs_moments, seen[..., :4])
+    lifetimes.act_moments = update_moments(lifetimes.act_moments, seen[..., 4:])
     with torch.no_grad():  # memory units away from zero, so that a wrong column order shows
         for tensor in lifetimes.memory.values():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) / 4)
     lifetimes.prepare_loss()
     return lifetimes
 
 
 def test_the_inner_loop_feeds_the_loss_network_the_documented_input():
-    """[obs, action, reward, done, policy output, memory] per buffer step, as LossNetwork takes it."""
+    """[obs, action, reward, done, policy output, memory] per buffer step, as LossNetwork takes it:
+    observations and actions normalised per lifetime (zero at steps yet to happen), memory units
+    tanh(1 . W + b)."""
     lifetimes = lifetimes_with_random_buffer(TINY_NET, members=2)
     batch = torch.tensor([3, 0, 17, 31])
     got = lifetimes.evolved_loss(batch).reshape(2, 2)
     buffer, n = lifetimes.buffer, TINY_INNER.buffer_size
+
+    def normalised(x, moments):  # x [L, N, D], one lifetime at a time
+        rows = []
+        for i in range(x.shape[0]):
+            row = (x[i] - moments.mean[i]) / moments.var[i].clamp_min(0.01).sqrt()
+            row[:EMPTY_ROWS] = 0.0
+            rows.append(row)
+        return torch.stack(rows)
+
     with torch.no_grad():
-        heads = lifetimes.head_fn(lifetimes.policy, buffer["obs"])
-        memory = torch.tanh(lifetimes.memory["w"] + lifetimes.memory["b"]).unsqueeze(1).expand(-1, n, -1)
+        obs = normalised(buffer["obs"], lifetimes.obs_moments)
+        heads = lifetimes.head_fn(lifetimes.policy, obs)
+        ones = torch.ones(inner_module.MEMORY_INPUTS)
+        memory = torch.tanh(ones @ lifetimes.memory["w"] + lifetimes.memory["b"])
+        memory = memory.unsqueeze(1).expand(-1, n, -1)
         inputs = torch.cat(
             [
-                buffer["obs"],
-                buffer["act"],
+                obs,
+                normalised(buffer["act"], lifetimes.act_moments),
                 buffer["rew"][..., None],
                 buffer["done"][..., None],
                 heads,
@@ -127,6 +150,82 @@ def test_gradients_reach_policy_and_memory_through_the_evolved_loss():
     for name, tensor in {**lifetimes.policy, **lifetimes.memory}.items():
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all(), name
         assert tensor.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_one_adam_step_moves_the_memory_pre_activation_by_about_65_lr():
+    """m = tanh(1 . W + b) with a 64-wide ones-vector: Adam's first step moves each of the 65 entries
+    feeding a unit by lr, all in the same direction (their gradients are equal)."""
+    lifetimes = lifetimes_with_random_buffer(TINY_NET)
+
+    def pre_activation():
+        return (lifetimes.memory["w"].sum(1) + lifetimes.memory["b"]).detach().clone()
+
+    before = pre_activation()
+    lifetimes.optimizer.zero_grad()
+    lifetimes.evolved_loss(torch.arange(0, 16)).sum().backward()
+    lifetimes.optimizer.step()
+    moved = (pre_activation() - before).abs()
+    expected = (inner_module.MEMORY_INPUTS + 1) * TINY_INNER.lr
+    assert torch.allclose(moved, torch.full_like(moved, expected), rtol=1e-3), moved
+
+
+def test_memory_units_start_near_zero_and_are_shared_by_members():
+    """As in the official code: every input's row of W has norm 0.01 and b = 0, so with U units the
+    pre-activation has std ~ 0.01 sqrt(64 / U)."""
+    lifetimes = lifetimes_with_random_buffer(TINY_NET, members=2)
+    fresh = inner_module.Lifetimes("point_goal", lifetimes.tasks, TINY_INNER, lifetimes.loss, TINY_NET, 0)
+    assert torch.allclose(fresh.memory["w"].norm(dim=-1), torch.tensor(0.01))
+    assert not fresh.memory["b"].any()
+    units = fresh.memory_units()
+    assert 0 < units.abs().max() < 0.2
+    assert torch.equal(units[0], units[1]), "members must start from the same memory (common random numbers)"
+
+
+def test_a_lifetimes_moments_are_those_of_its_own_observations_and_actions():
+    """With the buffer as long as the lifetime it ends up holding every step, so the moments must be
+    exactly the per-lifetime mean and variance of the buffer (members apart: they act differently)."""
+    config = TINY_INNER.model_copy(update={"lifetime_steps": 128, "buffer_size": 128})
+    tasks = sample_tasks("point_goal", "train", 2, 0)
+    lifetimes = inner_module.Lifetimes(
+        "point_goal", tasks, config, LossSetting("epg", phi=tiny_phi("point_goal", 2)), TINY_NET, 0
+    )
+    lifetimes.run()
+    for moments, key in ((lifetimes.obs_moments, "obs"), (lifetimes.act_moments, "act")):
+        data = lifetimes.buffer[key]  # [L, N, D]
+        assert torch.equal(moments.count, torch.full((4,), 128.0))
+        assert torch.allclose(moments.mean, data.mean(1), atol=1e-5)
+        assert torch.allclose(moments.var, data.var(1, correction=0), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(lifetimes.obs_moments.mean[0], lifetimes.obs_moments.mean[2])
+
+
+def test_the_policy_sees_normalised_observations_on_a_hopper_lifetime(monkeypatch):
+    """Once the moments have seen a few windows (the second half of the lifetime), what the policy acts on
+    has |mean| < 0.5 and std ~ 1 per feature, where raw Hopper observations do not (the torso height sits
+    near 1.25, stds range from 0.02 to 2). Features that barely move stay below 1 (the std is floored at
+    MIN_STD), and as the policy changes the distribution a running normaliser lags behind it: hence the
+    loose per-feature band around a median near 1."""
+    seen = []
+    act = inner_module.pol.act
+
+    def recording_act(spec, params, obs, noise):
+        seen.append(obs.detach().clone())
+        return act(spec, params, obs, noise)
+
+    monkeypatch.setattr(inner_module.pol, "act", recording_act)
+    config = InnerLoopConfig(
+        lifetime_steps=512, update_every=64, buffer_size=64, minibatch_size=32, fitness="lifetime"
+    )
+    tasks = sample_tasks("random_hopper", "train", 2, 0)
+    run_lifetimes("random_hopper", tasks, config, LossSetting("ppo", num_members=1), TINY_NET, 0)
+    normalised = torch.stack(seen[config.lifetime_steps // 2 :]).squeeze(2)  # [T, L, obs]
+    raw = torch.stack(seen[: config.update_every]).squeeze(2)  # the first window: moments not yet seen
+    assert normalised.mean(0).abs().max() < 0.5, normalised.mean(0)
+    assert raw.mean(0).abs().max() > 0.5
+    moving = raw.std(0) > 2 * MIN_STD  # features whose raw std is well above the floor
+    std = normalised.std(0)[moving]
+    assert ((std > 0.4) & (std < 2.5)).all(), normalised.std(0)
+    assert 0.8 < std.median() < 1.25, normalised.std(0)
+    assert not ((raw.std(0) > 0.4) & (raw.std(0) < 2.5)).all()
 
 
 def test_context_gradient_switch_only_changes_the_gradient_path():

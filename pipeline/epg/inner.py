@@ -30,10 +30,12 @@ from ..config import InnerLoopConfig, LossNetConfig
 from ..envs.tasks import make_env
 from ..rl import losses
 from ..rl import policy as pol
+from ..rl.normalizer import init_moments, normalize, update_moments
 from ..rl.returns import lambda_returns
 from .loss_net import LossNetwork, MemberLosses, ParamLayout, loss_input_dim
 
 METHODS = ("epg", "ppo", "pg")
+MEMORY_INPUTS = 64  # width of the constant ones-vector that the memory units read (the official code)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ def policy_spec(env, config: InnerLoopConfig) -> pol.PolicySpec:
     )
 
 
+def init_memory(units: int, count: int, generator: torch.Generator) -> dict:
+    """``count`` sets of memory units m = tanh(1 . W + b), W [MEMORY_INPUTS, units], b [units], as in the
+    official code: W random with every input's row scaled to norm 0.01, b = 0, so m starts near 0. Under
+    Adam each of W's entries moves by about lr per step, so the pre-activation moves ~(64 + 1) lr: the
+    units adapt as fast as a layer's output, not like a lone bias."""
+    w = torch.randn(count, MEMORY_INPUTS, units, generator=generator)
+    return {"w": w * (0.01 / w.norm(dim=-1, keepdim=True)), "b": torch.zeros(count, units)}
+
+
 def run_lifetimes(
     family: str,
     tasks: list[dict],
@@ -98,7 +109,16 @@ def run_lifetimes(
 
 
 class Lifetimes:
-    """The state of P x W lifetimes trained together; parameters are stacked [P * W, ...] leaves."""
+    """The state of P x W lifetimes trained together; parameters are stacked [P * W, ...] leaves.
+
+    Each lifetime keeps running moments of its own observations (and continuous actions), as the
+    official EPG code does: the policy and value function see observations normalised with them, and
+    the loss network sees normalised observations and actions next to the raw reward and done flag.
+    The moments take in each update window's M steps at its end, just before the update, so the update
+    and the next window's acting use the same statistics. They live and die with the lifetime (a fresh
+    policy starts from fresh moments), so an evolve checkpoint, written between generations, has
+    nothing of theirs to save.
+    """
 
     def __init__(
         self,
@@ -130,12 +150,8 @@ class Lifetimes:
             leaves(pol.init_value(self.spec, self.workers, self.generator)) if loss.uses_value else {}
         )
         units = loss_net_config.memory_units if loss.method == "epg" else 0
-        # Memory units m = tanh(W . 1 + b): extra inner-loop parameters that only the loss sees.
-        self.memory = (
-            leaves({"w": torch.zeros(self.workers, units), "b": torch.zeros(self.workers, units)})
-            if units
-            else {}
-        )
+        # Memory units: extra inner-loop parameters that only the loss sees.
+        self.memory = leaves(init_memory(units, self.workers, self.generator)) if units else {}
         # fused: one kernel per tensor for the whole step (~3x faster than foreach here, on CPU and GPU)
         self.optimizer = torch.optim.Adam([*self.parameter_groups_flat()], lr=config.lr, fused=True)
         if loss.method == "epg":
@@ -157,6 +173,11 @@ class Lifetimes:
         self.window: dict[str, torch.Tensor] = {}  # the same keys, stacked by run() before each update
         self.loss_terms: dict[str, torch.Tensor | None] = {}  # per-update shares of the loss (prepare_loss)
         self.dead = self.zeros(lifetimes, dtype=torch.bool)
+        self.obs_moments = init_moments((lifetimes,), self.env.obs_dim, self.device)
+        self.act_moments = (
+            None if self.spec.discrete else init_moments((lifetimes,), self.spec.action_dim, self.device)
+        )
+        self.buffered_steps = 0  # steps held in the buffer so far (at most N)
 
     def zeros(self, *shape: int, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=self.device)
@@ -172,6 +193,10 @@ class Lifetimes:
     def parameter_groups_flat(self):
         for params in (self.policy, self.value, self.memory):
             yield from params.values()
+
+    def normalized_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Observations [L, ..., obs] (lifetime-major) normalised with each lifetime's moments."""
+        return normalize(self.obs_moments, obs.movedim(0, -2)).movedim(-2, 0)
 
     def draw(self, *shape: int, normal: bool = False) -> torch.Tensor:
         """Drawn on the CPU generator (identical streams on every device), then moved."""
@@ -195,7 +220,9 @@ class Lifetimes:
                 action_noise = self.per_worker(pol.action_noise(spec, uniform_or_normal), 1).unsqueeze(2)
                 reset_noise = self.per_worker(self.draw(*shape, env.noise_dim), 1)
             with torch.no_grad():
-                action = pol.act(spec, self.policy, obs.unsqueeze(1), action_noise[slot]).squeeze(1)
+                action = pol.act(
+                    spec, self.policy, self.normalized_obs(obs).unsqueeze(1), action_noise[slot]
+                ).squeeze(1)
                 result = env.step(action.argmax(-1) if spec.discrete else action, reset_noise[slot])
             recent["obs"].append(obs)
             recent["act"].append(action)
@@ -213,8 +240,13 @@ class Lifetimes:
                     self.buffer[key] = torch.cat(
                         [self.buffer[key][:, steps_per_update:], values.transpose(0, 1)], dim=1
                     )
+                self.buffered_steps = min(step + 1, config.buffer_size)
+                self.obs_moments = update_moments(self.obs_moments, window["obs"])
+                if self.act_moments is not None:
+                    self.act_moments = update_moments(self.act_moments, window["act"])
+                window["obs"] = normalize(self.obs_moments, window["obs"])  # what the update's policy sees
                 update_start = time.perf_counter()
-                self.dead |= self.update(obs)
+                self.dead |= self.update(self.normalized_obs(obs))
                 update_seconds += time.perf_counter() - update_start
                 # episode_return is the finished episode's return on the step it ends, else 0
                 episode_sum, episode_count = episode_return.sum(0), window["done"].sum(0)
@@ -307,33 +339,40 @@ class Lifetimes:
 
     def policy_outputs(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The policy's current outputs at buffer steps ``rows``, [P, W, steps, H] (differentiable unless
-        called under no_grad)."""
-        obs = self.buffer["obs"][:, rows]  # [L, steps, obs]
+        called under no_grad); needs :meth:`prepare_loss` first."""
+        obs = self.loss_terms["obs"][:, rows]  # [L, steps, obs], normalised
         return self.head_fn(self.policy, obs).reshape(self.members, self.workers, obs.shape[1], -1)
 
     def memory_units(self) -> torch.Tensor | None:
-        """Memory units m = tanh(W . 1 + b), [P, W, units] (None without memory)."""
+        """Memory units m = tanh(1 . W + b), [P, W, units] (None without memory)."""
         if not self.memory:
             return None
-        units = torch.tanh(self.memory["w"] + self.memory["b"])
+        units = torch.tanh(self.memory["w"].sum(1) + self.memory["b"])
         return units.reshape(self.members, self.workers, -1)
 
     def prepare_loss(self) -> None:
         """The shares of L_phi that stay fixed during an update, computed once per update: the buffer
         data's share of the first convolution and of the head's first layer at the window's steps, and,
-        without ``context_gradient``, the whole context (under the policy before this update)."""
+        without ``context_gradient``, the whole context (under the policy before this update).
+
+        Observations and continuous actions enter normalised, and as zeros at the buffer steps that have
+        not happened yet (the official code pads the normalised buffer with zeros)."""
         buffer, n, m = self.buffer, self.config.buffer_size, self.config.update_every
         with torch.no_grad():
-            data = torch.cat(
-                [buffer["obs"], buffer["act"], buffer["rew"].unsqueeze(-1), buffer["done"].unsqueeze(-1)], -1
-            )
+            happened = (torch.arange(n, device=self.device) >= n - self.buffered_steps).unsqueeze(-1)
+            obs = self.normalized_obs(buffer["obs"]) * happened
+            act = buffer["act"]
+            if self.act_moments is not None:
+                act = normalize(self.act_moments, act.movedim(0, -2)).movedim(-2, 0) * happened
+            self.loss_terms = {"obs": obs}
+            data = torch.cat([obs, act, buffer["rew"].unsqueeze(-1), buffer["done"].unsqueeze(-1)], -1)
             conv, head = self.member_losses.data_terms(
                 data.reshape(self.members, self.workers, n, -1), slice(n - m, n)
             )
             context = None
             if not self.loss_net_config.context_gradient:
                 context = self.member_losses.context(conv, self.policy_outputs(), self.memory_units())
-        self.loss_terms = {"conv": conv, "head": head, "context": context}
+        self.loss_terms.update(conv=conv, head=head, context=context)
 
     def evolved_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean L_phi over the minibatch ``batch`` (steps of the window), per lifetime [L]; needs
@@ -391,7 +430,9 @@ class Lifetimes:
         with torch.no_grad():
             for t in range(steps):
                 noise = self.per_worker(action_noise[t]).reshape(lifetimes, episodes, -1)
-                action = pol.act(spec, self.policy, obs.reshape(lifetimes, episodes, -1), noise)
+                action = pol.act(
+                    spec, self.policy, self.normalized_obs(obs.reshape(lifetimes, episodes, -1)), noise
+                )
                 action = action.reshape(lifetimes * episodes, -1)
                 result = env.step(
                     action.argmax(-1) if spec.discrete else action, self.per_worker(reset_noise[t])
