@@ -25,8 +25,9 @@ from pipeline.evaluation.run import discover_agents
 from pipeline.io import torch_load
 from pipeline.metagrad import grid
 from pipeline.metagrad.grid import Cell, cell_config, grid_cells, run_grid, train_cell
-from pipeline.metagrad.train import train_variant, variant_seed
+from pipeline.metagrad.train import train_variant
 from pipeline.plots import seed_band
+from pipeline.seeding import variant_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
