@@ -243,18 +243,19 @@ def cmd_score(args) -> int:
     return 0
 
 
-def agents_problem(agents: dict[str, dict[str, Path]], scored_games) -> str | None:
-    """What is wrong with a GAME/VARIANT.pt folder before any episode is played, or None."""
+def agents_problem(agents: dict[str, dict[str, dict[int, Path]]], scored_games) -> str | None:
+    """What is wrong with a GAME/VARIANT/seedK.pt folder before any episode is played, or None."""
     from .evaluation.atari_eval import load_agent
 
     for game, variants in agents.items():
-        folder = next(iter(variants.values())).parent
+        paths = [path for seeds in variants.values() for path in seeds.values()]
+        folder = paths[0].parent.parent
         if game not in ale_games() or game not in scored_games:
             return (
                 f"{folder} is not a game folder: {game!r} is no Atari game with human and random "
                 "scores (see python -m pipeline games); move it out of the agents folder"
             )
-        for path in variants.values():
+        for path in paths:
             try:
                 load_agent(path)
             except Exception as err:  # any unreadable or foreign .pt file

@@ -312,10 +312,16 @@ class MetagradRayConfig(Frozen):
     """
 
     concurrent_cells: Annotated[int, Field(ge=1, le=4096)] = 1
+    """Cells trained at once; 1 without `RAY_ADDRESS` runs them serially in the stage's process."""
     cpus_per_cell: Annotated[int, Field(ge=1, le=1024)] = 1
+    """CPUs a cell's Ray task holds (also its torch threads)."""
     gpus_per_cell: Annotated[float, Field(ge=0, le=64)] = 0
+    """GPUs a cell's Ray task holds (fractions share a GPU)."""
     max_retries: Annotated[int, Field(ge=0, le=100)] = 3
+    """Retries of a cell whose worker dies; each resumes from the cell's checkpoint."""
     checkpoint_storage: str | None = None
+    """Folder of the cell checkpoints: shared storage on a multi-machine cluster; null keeps them in
+    `checkpoints/metagrad`."""
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**31)]

@@ -469,6 +469,9 @@ class ChildRun:
         self.root = parent.root
         self.run_id: str | None = None
         self._queued: list = []
+        self._outage_since: float | None = None  # the same buffering and backoff as the stage run
+        self._next_flush = 0.0
+        self._flush_delay = FIRST_RETRY_DELAY_S
 
     def __enter__(self) -> ChildRun:
         mlclient = client(self.root)
@@ -492,12 +495,16 @@ class ChildRun:
     def __exit__(self, exc_type, exc, tb) -> None:
         status = "FINISHED" if exc_type is None else "FAILED"
         try:
-            self.flush_metrics()
+            self.flush_metrics(wait=True)
         finally:
             client(self.root).set_terminated(self.run_id, status=status)
 
     queue_metrics = StageRun.queue_metrics
     flush_metrics = StageRun.flush_metrics
+    buffered = StageRun.buffered
+    _send_queued = StageRun._send_queued
+    _down_for = StageRun._down_for
+    _note_outage = StageRun._note_outage
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         client(self.root).log_artifact(self.run_id, str(path), artifact_path=artifact_path)

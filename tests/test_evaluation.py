@@ -215,19 +215,3 @@ def test_epg_results_are_typed_and_serialise_to_the_former_layout():
     ]
     assert evolved["curve"][0] == {"env_steps": 64, "mean": 2.0, "low": 2.0, "high": 2.0}
     assert isinstance(points[0], CurvePoint)
-
-
-def test_atari_results_serialise_with_the_yaml_key_lambda():
-    score = fake_results()["atari"].games["pong"]["impala"]
-    assert score.to_dict()["lambda"] == 1.0 and "lambda_" not in score.to_dict()
-    data = fake_results()["atari"].to_dict()
-    assert list(data) == ["games", "reference_scores", "hns", "paper_median_hns_percent"]
-    assert list(data["games"]["pong"]["impala"])[:7] == [
-        "mean_score",
-        "ci_low",
-        "ci_high",
-        "hns",
-        "train_frames",
-        "gamma",
-        "lambda",
-    ]

@@ -432,17 +432,17 @@ def test_sigterm_to_ui_stops_the_server_and_its_workers(project):
 
 # ------------------------------------------------------------------------------------------ item 10
 def test_score_names_a_non_game_folder_instead_of_crashing(tmp_path, capsys):
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "draft.pt").write_bytes(b"not an agent")
+    (tmp_path / "notes" / "draft").mkdir(parents=True)
+    (tmp_path / "notes" / "draft" / "seed0.pt").write_bytes(b"not an agent")
     assert cli.main(["score", str(tmp_path), "--episodes", "1"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"error: {tmp_path / 'notes'} is not a game folder: 'notes' is no Atari game")
 
 
 def test_score_names_a_file_that_is_not_an_agent(tmp_path, capsys):
-    (tmp_path / "pong").mkdir()
-    (tmp_path / "pong" / "baseline.pt").write_bytes(b"not an agent")
+    (tmp_path / "pong" / "impala").mkdir(parents=True)
+    (tmp_path / "pong" / "impala" / "seed0.pt").write_bytes(b"not an agent")
     assert cli.main(["score", str(tmp_path), "--episodes", "1"]) == 2
     assert one_line(capsys.readouterr().err).startswith(
-        f"error: {tmp_path / 'pong' / 'baseline.pt'} is not a trained agent"
+        f"error: {tmp_path / 'pong' / 'impala' / 'seed0.pt'} is not a trained agent"
     )

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -315,7 +316,7 @@ def test_evaluate_scores_every_cell_and_plots_a_band_per_variant(serial_grid, tm
     diff = pong["gamma_lambda"]["diff_vs_impala"]
     assert diff["mean"] == pytest.approx(pong["gamma_lambda"]["mean_score"] - pong["impala"]["mean_score"])
     assert atari["hns"]["gamma_lambda"]["median"] == pytest.approx(pong["gamma_lambda"]["hns"])
-    metrics = summary_metrics({"epg": {"splits": {}}, "atari": atari, "promotion": {}}, "run")
+    metrics = summary_metrics({"epg": SimpleNamespace(splits={}), "atari": atari, "promotion": {}}, "run")
     assert metrics["atari"]["pong"]["gamma_lambda"]["diff_vs_impala"]["mean"] == diff["mean"]
     figures = write_atari_plots(atari, paths)
     assert set(figures) == {

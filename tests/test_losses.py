@@ -121,12 +121,14 @@ def test_shape_and_argument_checks_name_the_bad_argument(call, message):
         call()
 
 
-# Returns of one tiny lifetime per method, recorded with the inner loop as it was before the surrogates
-# moved into pipeline/rl/losses.py (same tasks, seed and settings): the move changed no number.
+# Returns of one tiny lifetime per method (same tasks, seed and settings). First recorded before the
+# surrogates moved into pipeline/rl/losses.py (the move changed no number); re-recorded once when the
+# lifetimes gained the running observation normaliser and the official memory units (issue 17), which
+# changed them on purpose. Any other change to these numbers is a change of the inner loop's behaviour.
 PINNED = {
-    "ppo": ([-65.71793365478516, -43.86534881591797], [-48.89591979980469, -79.46892547607422]),
-    "pg": ([-62.635643005371094, -39.24817657470703], [-48.745567321777344, -79.0125503540039]),
-    "epg": ([-67.07295227050781, -44.000633239746094], [-48.91007614135742, -79.45046997070312]),
+    "ppo": ([-65.31153106689453, -38.21356201171875], [-48.86465835571289, -79.5470962524414]),
+    "pg": ([-64.04045867919922, -37.67909240722656], [-48.87436294555664, -79.2010498046875]),
+    "epg": ([-55.58185577392578, -35.155479431152344], [-49.97205352783203, -55.42749786376953]),
 }
 
 

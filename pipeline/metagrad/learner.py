@@ -488,7 +488,11 @@ class MetaGradientLearner:
             "meta_optimizer": self.meta_optimizer.state_dict() if self.meta_optimizer else None,
             # The next update's meta step needs the last inner step's inputs: without them a resumed
             # run would skip one meta step. Naive mode keeps an autograd graph, which cannot be saved.
-            "pending": None if self._pending is None or "new_params" in self._pending else self._pending,
+            # The torso trace is left out: without it the tangent pass recomputes the torso with jvp,
+            # which gives the same numbers (tested), so the checkpoint stays small and the resume exact.
+            "pending": None
+            if self._pending is None or "new_params" in self._pending
+            else {key: value for key, value in self._pending.items() if key != "torso_trace"},
         }
 
     def load_state_dict(self, state: dict) -> None:
