@@ -97,9 +97,12 @@ STAGES = {
     "metagrad": (
         "pipeline.metagrad.learner:MetaGradientLearner.update",
         UPDATES + 4,
-        "models/metagrad/pong/gamma_lambda.pt",
-        ["plots/metagrad/eta_pong_gamma_lambda.csv", "plots/metagrad/returns_pong_gamma_lambda.csv"],
-        "checkpoints/metagrad/pong_gamma_lambda.pt",
+        "models/metagrad/pong/gamma_lambda/seed0.pt",
+        [
+            "plots/metagrad/eta_pong_gamma_lambda_seed0.csv",
+            "plots/metagrad/returns_pong_gamma_lambda_seed0.csv",
+        ],
+        "checkpoints/metagrad/pong/gamma_lambda/seed0.pt",
         "updates",
     ),
 }
