@@ -64,7 +64,9 @@ class Cell:
 
 
 def grid_cells(config: MetagradConfig) -> list[Cell]:
-    return [Cell(g, v, s) for g in config.games for v in config.variants for s in config.seeds]
+    """Seed-major: a serial grid finishes every variant of a seed before the next seed, so a grid that
+    spans several sittings has paired (variant, variant) results early."""
+    return [Cell(g, v, s) for g in config.games for s in config.seeds for v in config.variants]
 
 
 def cell_config(config: MetagradConfig, cell: Cell) -> MetagradConfig:
