@@ -12,7 +12,7 @@ python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so 
 python -m pipeline score runs/learn/models/metagrad --episodes 30 --out score.json
                                         # no-op-start scores of trained agents (GAME/VARIANT/seedK.pt)
 python -m pipeline games                # the ALE games this ale-py ships
-python -m pipeline params-doc           # regenerate docs/params.md from pipeline/config.py
+python -m pipeline params-doc           # regenerate docs/params.md from pipeline/config/
 
 Errors are one line on stderr: exit status 2 for bad input (an unknown version, a missing folder),
 69 when the tracking store cannot be reached or written (see ``pipeline.tracking`` for the budgets).

@@ -21,7 +21,7 @@ from .io import write_text
 HEADER = """# Params reference
 
 Every key of `params.yaml` (and of the profile overlays in `params/`), section by section. Generated
-from the field docstrings in `pipeline/config.py` by `python -m pipeline params-doc`: edit those, not
+from the field docstrings in `pipeline/config/` by `python -m pipeline params-doc`: edit those, not
 this file. *default* is the value a key takes when the file leaves it out; *required* keys must be given.
 """
 
