@@ -105,5 +105,3 @@ class PrepareConfig(Frozen):
         if len(set(games)) != len(games):
             raise ValueError("games are listed more than once")
         return games
-
-

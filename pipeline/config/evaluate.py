@@ -59,5 +59,3 @@ class EvaluateConfig(Frozen):
     """Scores of the trained metagrad agents."""
     promotion: PromotionConfig = PromotionConfig()
     """Promotion of the evaluated loss in the Model Registry."""
-
-

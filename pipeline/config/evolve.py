@@ -159,5 +159,3 @@ class EvolveConfig(Frozen):
                 "convolutions (conv_kernels/conv_strides)"
             )
         return self
-
-

@@ -65,5 +65,3 @@ class MamlConfig(Frozen):
     2 shared cores two threads spent 8x the CPU time of one (spinning OpenMP workers)."""
     checkpoint_every: PositiveInt = 5
     """Checkpoint every this many meta-iterations."""
-
-

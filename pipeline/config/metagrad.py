@@ -171,5 +171,3 @@ class MetagradConfig(Frozen):
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds are listed more than once")
         return seeds
-
-
