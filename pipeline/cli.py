@@ -189,6 +189,8 @@ def cmd_params_doc(args) -> int:
 
 
 def cmd_curves(args) -> int:
+    from .io import write_json
+    from .metagrad.milestones import cell_milestones
     from .metagrad.run import checkpoint_histories, write_curves
 
     try:
@@ -197,19 +199,34 @@ def cmd_curves(args) -> int:
         return _fail(str(error))
     for path in write_curves(histories, Path(args.out)):
         print(path)
+    milestones = {}
     for game, variants in histories.items():
         for variant, seeds in variants.items():
             for seed, h in seeds.items():
-                recent = h.episode_returns[-10:]
-                last = f"{sum(recent) / len(recent):.1f}" if recent else "-"
-                frames = h.update_frames[-1] if h.update_frames else 0
-                print(
-                    f"{game}/{variant}/seed{seed}: {frames} frames, {len(h.episode_returns)} games, "
-                    f"last-10 return {last}, "
-                    f"gamma {h.gammas[-1] if h.gammas else float('nan'):.4f}, "
-                    f"lambda {h.lambdas[-1] if h.lambdas else float('nan'):.4f}"
-                )
+                m = cell_milestones(h)
+                milestones.setdefault(game, {}).setdefault(variant, {})[str(seed)] = m.to_dict()
+                print(f"{game}/{variant}/seed{seed}: {describe_cell(h, m)}")
+    print(write_json(Path(args.out) / "milestones.json", milestones))
     return 0
+
+
+def describe_cell(h, m) -> str:
+    """One line per cell: frames, games, recent return, when it reached each threshold, gamma and lambda."""
+    recent = h.episode_returns[-10:]
+    last = f"{sum(recent) / len(recent):.1f}" if recent else "-"
+    reached = ", ".join(
+        f"+{name} at {frames / 1e6:.0f} M" if frames is not None else f"+{name} not reached"
+        for name, frames in m.frames_to_return.items()
+    )
+    eta = ", ".join(
+        f"{name} {final:.4f} (settled at {settled / 1e6:.2f} M)"
+        for name, final, settled in (
+            ("gamma", m.gamma_final, m.gamma_settled_at),
+            ("lambda", m.lambda_final, m.lambda_settled_at),
+        )
+        if final is not None
+    )
+    return f"{m.frames} frames, {len(h.episode_returns)} games, last-10 return {last}; {reached}; {eta}"
 
 
 def cmd_score(args) -> int:
@@ -240,7 +257,29 @@ def cmd_score(args) -> int:
                 )
     if args.out:
         print(write_json(Path(args.out), {**results, "models": str(models), "seed": args.seed}))
+    if args.seeds_json:
+        if len(results["games"]) != 1:
+            return _fail(f"--seeds-json takes agents of one game; {models} has {', '.join(results['games'])}")
+        print(write_json(Path(args.seeds_json), per_seed_scores(next(iter(results["games"].values())))))
     return 0
+
+
+def per_seed_scores(variants: dict) -> dict:
+    """``{variant: {seed: {mean, ci_low, ci_high, episodes, frames}}}`` of one game's score results:
+    the shape of ``docs/results/pong_seeds.json``."""
+    return {
+        variant: {
+            str(seed): {
+                "mean": r["mean_score"],
+                "ci_low": r["ci_low"],
+                "ci_high": r["ci_high"],
+                "episodes": len(r["scores"]),
+                "frames": r["train_frames"],
+            }
+            for seed, r in row["seeds"].items()
+        }
+        for variant, row in variants.items()
+    }
 
 
 def agents_problem(agents: dict[str, dict[str, dict[int, Path]]], scored_games) -> str | None:
@@ -322,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "curves", help="return and gamma/lambda curves from metagrad checkpoints (also of a running stage)"
     )
     curves.add_argument("checkpoints", help="a metagrad checkpoint folder, e.g. checkpoints/metagrad")
-    curves.add_argument("--out", required=True, help="folder for the CSVs and PNGs")
+    curves.add_argument("--out", required=True, help="folder for the CSVs, PNGs and milestones.json")
     curves.set_defaults(func=cmd_curves)
 
     score = commands.add_parser(
@@ -335,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--confidence", type=probability, default=0.95, help="of the intervals (default 0.95)")
     score.add_argument("--out", help="also write the full results (every episode) as JSON here")
+    score.add_argument(
+        "--seeds-json",
+        help="also write {variant: {seed: {mean, ci_low, ci_high, episodes, frames}}} here (one game)",
+    )
     score.set_defaults(func=cmd_score)
 
     games = commands.add_parser("games", help="list the ALE games")

@@ -326,6 +326,10 @@ def test_curves_command_reads_checkpoints_of_a_stopped_run(trained, tmp_path):
     _, rows = read_rows(out / "eta_pong_gamma_lambda_seed3.csv")
     assert [float(r["gamma"]) for r in rows] == pytest.approx(trained.result.history.gammas)
     assert (out / "returns_pong.png").stat().st_size > 0
+    milestones = json.loads((out / "milestones.json").read_text())["pong"]["gamma_lambda"]["3"]
+    assert milestones["gamma_final"] == pytest.approx(trained.result.history.gammas[-1])
+    assert milestones["frames"] == trained.result.history.update_frames[-1]
+    assert milestones["frames_to_return"] == {"10": None, "18": None}  # a few updates do not win Pong
 
     assert cli_main(["curves", str(tmp_path / "empty"), "--out", str(out)]) == 2
 
@@ -336,8 +340,13 @@ def test_score_command_plays_trained_agents(trained, tmp_path, capsys):
     train_module.export_model(
         trained.learner, trained.result, trained.config, models / "pong/gamma_lambda/seed0.pt"
     )
-    out = tmp_path / "score.json"
-    assert cli_main(["score", str(models), "--episodes", "2", "--out", str(out)]) == 0
+    out, seeds_json = tmp_path / "score.json", tmp_path / "pong_seeds.json"
+    assert (
+        cli_main(
+            ["score", str(models), "--episodes", "2", "--out", str(out), "--seeds-json", str(seeds_json)]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())["games"]["pong"]["gamma_lambda"]["seeds"]["0"]
     assert len(result["scores"]) == 2 and all(-21 <= s <= 21 for s in result["scores"])
     assert result["mean_score"] == pytest.approx(sum(result["scores"]) / 2)
@@ -345,6 +354,18 @@ def test_score_command_plays_trained_agents(trained, tmp_path, capsys):
     assert result["gamma"] == pytest.approx(trained.result.gamma)
     assert all(1 <= n <= 30 for n in result["noops"])
     assert "pong/gamma_lambda/seed0: mean raw score" in capsys.readouterr().out
+    seeds = json.loads(seeds_json.read_text())  # the shape of docs/results/pong_seeds.json
+    assert seeds == {
+        "gamma_lambda": {
+            "0": {
+                "mean": result["mean_score"],
+                "ci_low": result["ci_low"],
+                "ci_high": result["ci_high"],
+                "episodes": 2,
+                "frames": result["train_frames"],
+            }
+        }
+    }
 
     assert cli_main(["score", str(tmp_path / "empty")]) == 2
     with pytest.raises(SystemExit):

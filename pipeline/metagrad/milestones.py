@@ -1,0 +1,101 @@
+"""Sample efficiency of a metagrad cell from its training history: when it reached a return, when its
+meta-learned gamma and lambda settled.
+
+Both read ``History`` (the curves a cell's checkpoint and the stage's CSVs hold), so they work on a
+finished grid and on one that is still running (``python -m pipeline curves``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from .train import History
+
+WINDOW_FRAMES = 1_000_000  # "the first million-frame window whose mean training return passes it"
+RETURN_THRESHOLDS = (10.0, 18.0)  # Pong: the +10 and +18 marks of the seeds comparison
+
+
+def frames_to_reach(
+    episode_frames: Sequence[int],
+    episode_returns: Sequence[float],
+    threshold: float,
+    window_frames: int = WINDOW_FRAMES,
+) -> int | None:
+    """The end frame of the first window ``[k W, (k + 1) W)`` whose finished episodes' mean return is
+    at least ``threshold``; None if no window gets there.
+
+    An episode belongs to the window of the frame count at which it ended. Windows without a finished
+    episode are skipped (they have no mean). The last window may be partial: a run of 9.5 M frames has
+    a window [9 M, 10 M) with half a window of episodes, and its end is still reported as 10 M.
+    """
+    if len(episode_frames) != len(episode_returns):
+        raise ValueError(
+            f"episode_frames ({len(episode_frames)}) and episode_returns ({len(episode_returns)}) "
+            "differ in length"
+        )
+    if window_frames <= 0:
+        raise ValueError(f"window_frames must be positive, got {window_frames}")
+    sums: dict[int, list[float]] = {}
+    for frame, value in zip(episode_frames, episode_returns, strict=True):
+        total = sums.setdefault(frame // window_frames, [0.0, 0])
+        total[0] += value
+        total[1] += 1
+    for window in sorted(sums):
+        total, count = sums[window]
+        if total / count >= threshold:
+            return (window + 1) * window_frames
+    return None
+
+
+def settle_frame(
+    update_frames: Sequence[int],
+    values: Sequence[float],
+    relative_band: float = 0.05,
+    absolute_band: float = 1e-3,
+) -> int | None:
+    """The first update frame after which the value stays within a band around its final value.
+
+    band = max(``absolute_band``, ``relative_band`` × (max − min of the values over the run)): a
+    parameter that moved far settles when it stays within 5 % of its travel of where it ended; one that
+    hardly moved (the {} baseline's fixed gamma) settles at its first update. None for an empty history.
+    """
+    if len(update_frames) != len(values):
+        raise ValueError(f"update_frames ({len(update_frames)}) and values ({len(values)}) differ in length")
+    if not values:
+        return None
+    final = values[-1]
+    band = max(absolute_band, relative_band * (max(values) - min(values)))
+    settled_from = len(values) - 1
+    while settled_from > 0 and abs(values[settled_from - 1] - final) <= band:
+        settled_from -= 1
+    return int(update_frames[settled_from])
+
+
+@dataclass(frozen=True)
+class CellMilestones:
+    """When one cell reached each return threshold and when its gamma and lambda settled (frames)."""
+
+    frames: int
+    frames_to_return: dict[str, int | None]  # threshold (as text, e.g. "10") -> frames, None: not reached
+    gamma_final: float | None
+    gamma_settled_at: int | None
+    lambda_final: float | None
+    lambda_settled_at: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cell_milestones(history: History, thresholds: Sequence[float] = RETURN_THRESHOLDS) -> CellMilestones:
+    return CellMilestones(
+        frames=int(history.update_frames[-1]) if history.update_frames else 0,
+        frames_to_return={
+            f"{threshold:g}": frames_to_reach(history.episode_frames, history.episode_returns, threshold)
+            for threshold in thresholds
+        },
+        gamma_final=history.gammas[-1] if history.gammas else None,
+        gamma_settled_at=settle_frame(history.update_frames, history.gammas),
+        lambda_final=history.lambdas[-1] if history.lambdas else None,
+        lambda_settled_at=settle_frame(history.update_frames, history.lambdas),
+    )

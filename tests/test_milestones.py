@@ -1,0 +1,57 @@
+"""Frames to reach a return and the settling frame of gamma/lambda, against numbers worked out by hand."""
+
+import pytest
+
+from pipeline.metagrad.milestones import cell_milestones, frames_to_reach, settle_frame
+from pipeline.metagrad.train import History
+
+
+def test_frames_to_reach_is_the_end_of_the_first_window_whose_mean_passes():
+    frames = [100, 900, 1_100, 1_500, 1_900, 2_500]
+    returns = [-21.0, 0.0, 9.0, 12.0, 10.0, 20.0]
+    # windows of 1 000 frames: [0, 1000) mean -10.5; [1000, 2000) mean 31/3 = 10.33; [2000, 3000) mean 20
+    assert frames_to_reach(frames, returns, 10.0, window_frames=1_000) == 2_000
+    assert frames_to_reach(frames, returns, 10.5, window_frames=1_000) == 3_000
+    assert frames_to_reach(frames, returns, -10.5, window_frames=1_000) == 1_000  # "passes" includes equal
+    assert frames_to_reach(frames, returns, 20.5, window_frames=1_000) is None
+    assert frames_to_reach([], [], 0.0) is None
+
+
+def test_frames_to_reach_skips_windows_without_episodes():
+    # no episode ends in [1000, 2000): the next window with episodes decides
+    assert frames_to_reach([500, 2_500], [-5.0, 15.0], 10.0, window_frames=1_000) == 3_000
+
+
+def test_frames_to_reach_rejects_bad_input():
+    with pytest.raises(ValueError, match="differ in length"):
+        frames_to_reach([1, 2], [1.0], 0.0)
+    with pytest.raises(ValueError, match="window_frames must be positive"):
+        frames_to_reach([1], [1.0], 0.0, window_frames=0)
+
+
+def test_settle_frame_is_where_the_value_enters_its_final_band_for_good():
+    frames = [10, 20, 30, 40, 50, 60]
+    values = [0.99, 0.95, 0.90, 0.905, 0.899, 0.90]
+    # travel 0.09 -> band max(1e-3, 0.05 * 0.09 = 0.0045); final 0.90: 0.905 is out (0.005), 0.899 in
+    assert settle_frame(frames, values) == 50
+    assert settle_frame(frames, values, relative_band=0.1) == 30  # band 0.009: 0.90, 0.905 in; 0.95 out
+    assert settle_frame([10, 20], [0.99, 0.99]) == 10  # a fixed parameter settles at once
+    assert settle_frame([], []) is None
+    with pytest.raises(ValueError, match="differ in length"):
+        settle_frame([1], [])
+
+
+def test_cell_milestones_collects_both():
+    history = History(
+        episode_frames=[400_000, 1_600_000, 1_700_000],
+        episode_returns=[-20.0, 12.0, 19.0],
+        update_frames=[1_000, 2_000, 3_000],
+        gammas=[0.99, 0.98, 0.98],
+        lambdas=[0.99, 0.99, 0.99],
+    )
+    m = cell_milestones(history)
+    assert m.frames == 3_000
+    assert m.frames_to_return == {"10": 2_000_000, "18": None}  # window [1 M, 2 M) has mean 15.5
+    assert (m.gamma_final, m.gamma_settled_at) == (0.98, 2_000)
+    assert (m.lambda_final, m.lambda_settled_at) == (0.99, 1_000)
+    assert m.to_dict()["frames_to_return"]["10"] == 2_000_000
