@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -159,6 +160,10 @@ class QueueTracker:
 
 def _remote_cell(config: MetagradConfig, cell: Cell, checkpoint_root: Path, queue) -> CellOutcome:
     """The body of a cell's Ray task: as many torch threads as the cell has CPUs, then train it."""
+    from ..stage import configure_logging
+
+    configure_logging()  # the cell's progress lines reach the driver's log (Ray's log_to_driver)
+    log.info("%s: running on %s (pid %d)", cell.key, socket.gethostname(), os.getpid())
     torch.set_num_threads(config.ray.cpus_per_cell)
     limit_cpu_threads_for(resolve_device(config.device, "metagrad.device"))
     return train_cell(config, cell, checkpoint_root, QueueTracker(queue, cell.key))
