@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import MamlConfig, PipelineConfig
+from pipeline.config import EPG_METHODS, MamlConfig, PipelineConfig
 from pipeline.envs.tasks import make_env, sample_tasks
 from pipeline.maml import meta
 from pipeline.maml.learner import (
@@ -416,6 +416,33 @@ def test_bad_maml_params_exit_2_naming_the_key_and_write_nothing(tmp_path, capsy
     with pytest.raises(SystemExit):
         stage_main("maml", lambda config, root: pytest.fail("the stage ran"), ["--params", str(bad)])
     assert "maml.family 'random_hopper' must be listed in prepare.task_families" in capsys.readouterr().err
+
+
+def test_maml_compared_with_epg_must_share_its_task_family():
+    from pipeline.config import check_maml_compared_on_epg_family
+
+    message = "maml.family 'point_goal' must equal evolve.family 'random_cartpole'"
+    with pytest.raises(ValueError, match=message):
+        check_maml_compared_on_epg_family("point_goal", "random_cartpole", ["evolved", "maml"])
+    check_maml_compared_on_epg_family("point_goal", "random_cartpole", ["evolved", "ppo"])  # not compared
+    check_maml_compared_on_epg_family("random_cartpole", "random_cartpole", ["maml", "pretrained"])
+
+
+@pytest.mark.skipif("maml" not in EPG_METHODS, reason="evaluate.epg.methods cannot list maml yet")
+def test_maml_on_another_family_than_epg_exits_2_when_evaluate_compares_them(tmp_path, capsys):
+    from pipeline.stage import stage_main
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"]["task_families"] = ["point_goal", "random_cartpole"]
+    params["maml"]["family"], params["evolve"]["family"] = "point_goal", "random_cartpole"
+    params["evaluate"]["epg"]["methods"] = ["evolved", "maml"]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("evaluate", lambda config, root: pytest.fail("the stage ran"), ["--params", str(bad)])
+    assert exit_info.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "maml.family" in line]
+    assert "maml.family 'point_goal' must equal evolve.family 'random_cartpole'" in line
 
 
 @pytest.mark.e2e
