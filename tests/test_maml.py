@@ -336,29 +336,38 @@ def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path,
 
     def maml_into(folder):
         return run_maml(
-            config, tasks, folder / "policy.pt", folder / "metrics.json", folder / "plots", folder / "ckpt"
+            config,
+            tasks,
+            folder / "policy.pt",
+            folder / "pretrained.pt",
+            folder / "metrics.json",
+            folder / "plots",
+            folder / "ckpt",
         )
 
     uninterrupted = maml_into(tmp_path / "a")
     original_step, calls = MamlLearner.step, {"n": 0}
 
-    def killed_at_iteration_three(self):
+    def killed_in_iteration_three(self):  # MAML's step, then the baseline's, in every iteration
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 6:  # the baseline's step of iteration 3, after the checkpoint of iteration 2
             raise RuntimeError("simulated kill")
         return original_step(self)
 
-    monkeypatch.setattr(MamlLearner, "step", killed_at_iteration_three)
+    monkeypatch.setattr(MamlLearner, "step", killed_in_iteration_three)
     with pytest.raises(RuntimeError, match="simulated kill"):
         maml_into(tmp_path / "b")
     killed_run = read_json(tmp_path / "b/ckpt/run.json")["mlflow_run_id"]
     monkeypatch.setattr(MamlLearner, "step", original_step)
     resumed = maml_into(tmp_path / "b")
 
-    a, b = torch_load(tmp_path / "a/policy.pt"), torch_load(tmp_path / "b/policy.pt")
-    for name in a["theta"]:
-        assert torch.equal(a["theta"][name], b["theta"][name])
-    assert a["test_returns"] == b["test_returns"]
+    for policy in ("policy.pt", "pretrained.pt"):
+        a, b = torch_load(tmp_path / "a" / policy), torch_load(tmp_path / "b" / policy)
+        for name in a["theta"]:
+            assert torch.equal(a["theta"][name], b["theta"][name])
+        assert a["test_returns"] == b["test_returns"]
+    maml, pretrained = (torch_load(tmp_path / "a" / name)["theta"] for name in ("policy.pt", "pretrained.pt"))
+    assert any(not torch.equal(maml[name], pretrained[name]) for name in maml)
     assert resumed["mlflow_run_id"] == killed_run != uninterrupted["mlflow_run_id"]
     assert resumed["iterations"] == 4
     assert resumed["registered_version"] == "2"
@@ -366,6 +375,9 @@ def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path,
     assert sorted(m.step for m in history) == [0, 1, 2, 3], "an iteration was lost or logged twice"
     for name in ("pre_adaptation_return", "kl", "surrogate_gain", "line_search_steps"):
         assert len(MlflowClient().get_metric_history(killed_run, name)) == 4
+    baseline = MlflowClient().get_metric_history(killed_run, "pretrained/return")
+    assert sorted(m.step for m in baseline) == [0, 1, 2, 3]
+    assert len(MlflowClient().get_metric_history(killed_run, "pretrained/test_return")) == 2
 
 
 def test_maml_policy_registry_round_trip(tmp_path, monkeypatch):
@@ -485,7 +497,8 @@ def test_maml_stage_killed_with_sigkill_resumes_to_the_uninterrupted_policy(tmp_
     killed_run = read_json(tmp_path / "b/checkpoints/maml/run.json")["mlflow_run_id"]
     assert stage(tmp_path / "b").wait(timeout=600) == 0
 
-    a, b = (torch_load(tmp_path / f"{x}/models/maml/policy.pt") for x in "ab")
-    for name in a["theta"]:
-        assert torch.equal(a["theta"][name], b["theta"][name])
+    for policy in ("policy.pt", "pretrained.pt"):
+        a, b = (torch_load(tmp_path / f"{x}/models/maml/{policy}") for x in "ab")
+        for name in a["theta"]:
+            assert torch.equal(a["theta"][name], b["theta"][name])
     assert read_json(tmp_path / "b/metrics/maml.json")["mlflow_run_id"] == killed_run
