@@ -4,13 +4,16 @@ One meta-iteration: T tasks are drawn from the training pool; one batched env ho
 copies; the K inner steps' episodes and the post-adaptation episodes are sampled in turn, each by the
 policies adapted so far (all T at once); then TRPO updates theta0 on the post-adaptation surrogate,
 differentiating through the K inner steps (second order unless ``first_order``). Every random number
-comes from one CPU generator, so a run is reproducible and a checkpoint resumes it exactly.
+comes from CPU generators (episode noise, meta-batch tasks), so a run is reproducible and a checkpoint
+resumes it exactly.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import partial
+from itertools import islice
 
 import torch
 
@@ -39,19 +42,19 @@ def init_theta(spec: pol.PolicySpec, seed: int, device="cpu") -> dict:
     return {name: value.to(device) for name, value in pol.init_policy(spec, 1, generator).items()}
 
 
-def sample_adaptation(
+def adaptation_stream(
     spec: pol.PolicySpec,
     config: MamlConfig,
     theta0: dict,
     family: str,
     tasks: list[dict],
-    inner_steps: int,
     generator: torch.Generator,
     device="cpu",
-) -> tuple[list[Episodes], dict]:
-    """Episodes of theta0 and of the policies after 1..``inner_steps`` inner steps on every task (one
-    batched env of len(tasks) x N copies, in theta0's dtype): ``inner_steps + 1`` episode sets and the
-    adapted policies."""
+) -> Iterator[tuple[Episodes, dict]]:
+    """``(episodes, params)`` after 0, 1, 2, ... inner steps from theta0 on every task: ``params`` are
+    the stacked ``[T, ...]`` policies (detached) and ``episodes`` the N rollouts per task they sampled.
+    One batched env of len(tasks) x N copies, in theta0's dtype; the next inner step is only computed
+    when the next pair is asked for."""
     copies = [task for task in tasks for _ in range(config.rollouts_per_task)]
     env = make_env(family, copies, dtype=next(iter(theta0.values())).dtype, device=device)
     sample = partial(
@@ -65,13 +68,28 @@ def sample_adaptation(
         normalize_advantages=config.normalize_advantages,
     )
     params = expand_tasks(theta0, len(tasks))
-    episodes = [sample(params)]
-    for _ in range(inner_steps):
-        params = {
-            k: v.detach() for k, v in inner_step(spec, params, episodes[-1], config.inner_lr, True).items()
-        }
-        episodes.append(sample(params))
-    return episodes, params
+    while True:
+        episodes = sample(params)
+        yield episodes, params
+        step = inner_step(spec, params, episodes, config.inner_lr, True)
+        params = {name: value.detach() for name, value in step.items()}
+
+
+def sample_adaptation(
+    spec: pol.PolicySpec,
+    config: MamlConfig,
+    theta0: dict,
+    family: str,
+    tasks: list[dict],
+    inner_steps: int,
+    generator: torch.Generator,
+    device="cpu",
+) -> tuple[list[Episodes], dict]:
+    """Episodes of theta0 and of the policies after 1..``inner_steps`` inner steps on every task:
+    ``inner_steps + 1`` episode sets and the adapted policies (see :func:`adaptation_stream`)."""
+    stream = adaptation_stream(spec, config, theta0, family, tasks, generator, device)
+    pairs = list(islice(stream, inner_steps + 1))
+    return [episodes for episodes, _ in pairs], pairs[-1][1]
 
 
 def meta_batch(spec: pol.PolicySpec, episodes: list[Episodes], adapted: dict) -> MetaBatch:
@@ -83,23 +101,33 @@ def meta_batch(spec: pol.PolicySpec, episodes: list[Episodes], adapted: dict) ->
 
 
 class MamlLearner:
-    """theta0 and the generator of one MAML run; :meth:`step` is one meta-iteration."""
+    """theta0 and the generators of one MAML run; :meth:`step` is one meta-iteration.
 
-    def __init__(self, config: MamlConfig, train_tasks: list[dict], seed: int, device="cpu"):
+    ``adapt=False`` is the MAML paper's "pretrained" baseline: the same TRPO step on the same
+    meta-batches, without inner steps, so it maximises the return of theta0 itself on all training
+    tasks jointly. Learners built with the same seed start from the same theta0 and draw the same
+    sequence of meta-batches (tasks come from their own generator, apart from the episode noise).
+    """
+
+    def __init__(
+        self, config: MamlConfig, train_tasks: list[dict], seed: int, device="cpu", adapt: bool = True
+    ):
         if not train_tasks:
             raise ValueError("MAML needs at least one training task")
         self.config, self.train_tasks, self.device = config, train_tasks, torch.device(device)
+        self.inner_steps = config.inner_steps if adapt else 0
         self.spec = policy_spec(config.family, config)
         self.theta = init_theta(self.spec, seed, self.device)
         self.generator = torch.Generator().manual_seed(int(seed) + 1)
+        self.task_generator = torch.Generator().manual_seed(int(seed) + 2)
 
     def sample_tasks(self) -> list[dict]:
         """``meta_batch_size`` tasks of the training pool: without replacement while the pool allows."""
         pool, size = len(self.train_tasks), self.config.meta_batch_size
         if size <= pool:
-            index = torch.randperm(pool, generator=self.generator)[:size]
+            index = torch.randperm(pool, generator=self.task_generator)[:size]
         else:
-            index = torch.randint(pool, (size,), generator=self.generator)
+            index = torch.randint(pool, (size,), generator=self.task_generator)
         return [self.train_tasks[i] for i in index.tolist()]
 
     def step(self) -> dict[str, float]:
@@ -112,7 +140,7 @@ class MamlLearner:
             self.theta,
             config.family,
             self.sample_tasks(),
-            config.inner_steps,
+            self.inner_steps,
             self.generator,
             self.device,
         )
@@ -148,11 +176,16 @@ class MamlLearner:
         }
 
     def state(self) -> dict:
-        return {"theta": {k: v.cpu() for k, v in self.theta.items()}, "generator": self.generator.get_state()}
+        return {
+            "theta": {k: v.cpu() for k, v in self.theta.items()},
+            "generator": self.generator.get_state(),
+            "task_generator": self.task_generator.get_state(),
+        }
 
     def load_state(self, state: dict) -> None:
         self.theta = {k: v.to(self.device) for k, v in state["theta"].items()}
         self.generator.set_state(state["generator"])
+        self.task_generator.set_state(state["task_generator"])
 
 
 def adaptation_returns(
