@@ -227,8 +227,10 @@ def test_batched_meta_batch_equals_a_per_task_loop(family):
     for t, task in enumerate(tasks):
         alone = make_env(family, [task] * n, dtype=torch.float64)
         single = rollouts(spec, alone, theta, action_noise[:, t : t + 1], reset_noise[t * n : (t + 1) * n])
+        steps = single[0].shape[0]  # alone, the loop stops when this task's episodes have all ended
         for together, apart in zip(batched, single, strict=True):
-            torch.testing.assert_close(together[:, t : t + 1], apart, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(together[:steps, t : t + 1], apart, rtol=1e-12, atol=1e-12)
+        assert not batched[3][steps:, t].any(), "steps after the task's episodes ended are masked out"
 
     _, theta, batch = tiny_batch(family)
     leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}

@@ -10,7 +10,9 @@ comes from one CPU generator, so a run is reproducible and a checkpoint resumes 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import partial
+from itertools import islice
 
 import torch
 
@@ -39,19 +41,19 @@ def init_theta(spec: pol.PolicySpec, seed: int, device="cpu") -> dict:
     return {name: value.to(device) for name, value in pol.init_policy(spec, 1, generator).items()}
 
 
-def sample_adaptation(
+def adaptation_stream(
     spec: pol.PolicySpec,
     config: MamlConfig,
     theta0: dict,
     family: str,
     tasks: list[dict],
-    inner_steps: int,
     generator: torch.Generator,
     device="cpu",
-) -> tuple[list[Episodes], dict]:
-    """Episodes of theta0 and of the policies after 1..``inner_steps`` inner steps on every task (one
-    batched env of len(tasks) x N copies, in theta0's dtype): ``inner_steps + 1`` episode sets and the
-    adapted policies."""
+) -> Iterator[tuple[Episodes, dict]]:
+    """``(episodes, params)`` after 0, 1, 2, ... inner steps from theta0 on every task: ``params`` are
+    the stacked ``[T, ...]`` policies (detached) and ``episodes`` the N rollouts per task they sampled.
+    One batched env of len(tasks) x N copies, in theta0's dtype; the next inner step is only computed
+    when the next pair is asked for."""
     copies = [task for task in tasks for _ in range(config.rollouts_per_task)]
     env = make_env(family, copies, dtype=next(iter(theta0.values())).dtype, device=device)
     sample = partial(
@@ -65,13 +67,28 @@ def sample_adaptation(
         normalize_advantages=config.normalize_advantages,
     )
     params = expand_tasks(theta0, len(tasks))
-    episodes = [sample(params)]
-    for _ in range(inner_steps):
-        params = {
-            k: v.detach() for k, v in inner_step(spec, params, episodes[-1], config.inner_lr, True).items()
-        }
-        episodes.append(sample(params))
-    return episodes, params
+    while True:
+        episodes = sample(params)
+        yield episodes, params
+        step = inner_step(spec, params, episodes, config.inner_lr, True)
+        params = {name: value.detach() for name, value in step.items()}
+
+
+def sample_adaptation(
+    spec: pol.PolicySpec,
+    config: MamlConfig,
+    theta0: dict,
+    family: str,
+    tasks: list[dict],
+    inner_steps: int,
+    generator: torch.Generator,
+    device="cpu",
+) -> tuple[list[Episodes], dict]:
+    """Episodes of theta0 and of the policies after 1..``inner_steps`` inner steps on every task:
+    ``inner_steps + 1`` episode sets and the adapted policies (see :func:`adaptation_stream`)."""
+    stream = adaptation_stream(spec, config, theta0, family, tasks, generator, device)
+    pairs = list(islice(stream, inner_steps + 1))
+    return [episodes for episodes, _ in pairs], pairs[-1][1]
 
 
 def meta_batch(spec: pol.PolicySpec, episodes: list[Episodes], adapted: dict) -> MetaBatch:

@@ -9,7 +9,6 @@ the ``maml-policy`` model with the alias ``candidate``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..devices import resolve_device
 from ..envs.tasks import load_tasks
 from ..io import torch_load, torch_save, write_csv, write_json
 from ..plots import line_plot
+from ..seeding import derived_seed
 from ..stage import resumable_stage_run
 from .learner import MamlLearner, adaptation_returns
 
@@ -45,11 +45,6 @@ HISTORY_COLUMNS = [
 ]
 
 
-def derived_seed(seed: int, purpose: str) -> int:
-    """An independent seed per purpose (training, evaluation) from the global seed."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/maml/{purpose}".encode()).digest()[:4], "little") >> 1
-
-
 def run_maml(
     config: PipelineConfig,
     tasks_path: Path,
@@ -64,7 +59,7 @@ def run_maml(
     if maml.threads:
         torch.set_num_threads(maml.threads)
     with resumable_stage_run("maml", config, checkpoint_dir) as (run, resume_key):
-        learner = MamlLearner(maml, tasks["train"], derived_seed(config.seed, "train"), device)
+        learner = MamlLearner(maml, tasks["train"], derived_seed(config.seed, "maml", "train"), device)
         history = train(learner, run, checkpoint_dir / CHECKPOINT_FILE, resume_key)
         eval_tasks = tasks["test"][: maml.eval_tasks]
         test_returns = adaptation_returns(
@@ -73,7 +68,7 @@ def run_maml(
             learner.theta,
             eval_tasks,
             maml.eval_inner_steps,
-            derived_seed(config.seed, "eval"),
+            derived_seed(config.seed, "maml", "eval"),
             device,
         )
         run.log_metric_series("test_return", test_returns, range(len(test_returns)))

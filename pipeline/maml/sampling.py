@@ -1,9 +1,9 @@
 """Episodes of a MAML meta-batch: T tasks x N rollouts as ONE batched env, and their advantages.
 
-Layout is time-major: ``[H, T, N, ...]`` for horizon H, T tasks of the meta-batch and N rollouts per
-task. Env copy ``t * N + n`` is rollout n of task t, so policies stacked along T (``[T, ...]`` leaves,
-see :mod:`pipeline.rl.policy`) act on observations reshaped to ``[T, N, obs]`` with one batched matmul
-per layer; no Python loop over tasks or rollouts.
+Layout is time-major: ``[H, T, N, ...]`` for H steps (at most the horizon: see :func:`rollouts`), T
+tasks of the meta-batch and N rollouts per task. Env copy ``t * N + n`` is rollout n of task t, so
+policies stacked along T (``[T, ...]`` leaves, see :mod:`pipeline.rl.policy`) act on observations
+reshaped to ``[T, N, obs]`` with one batched matmul per layer; no Python loop over tasks or rollouts.
 
 An episode lasts at most ``horizon`` steps, fewer when the family terminates it (cart-pole falls,
 hopper falls) or its time limit truncates it; ``mask`` is 1 on the steps that belong to the episode.
@@ -72,9 +72,12 @@ def rollouts(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the stacked policies ``params`` ([T] leaves) for H steps in ``env`` (T * N copies, task-major).
 
-    Returns time-major ``(obs, actions, rewards, mask)`` of shapes ``[H, T, N, ...]``. After an episode
+    Returns time-major ``(obs, actions, rewards, mask)`` of shapes ``[H', T, N, ...]``. After an episode
     ends its copy is reset by the env (auto-reset); those steps are masked out, so the reset noise of a
-    step is never seen and a constant is passed.
+    step is never seen and a constant is passed. Once every episode has ended the loop stops: ``H' <= H``
+    is the longest episode, and the all-masked steps it leaves out would add nothing to any sum (a
+    cart-pole that falls in 20 steps costs 20 steps, not the 500 of its time limit). The noise is drawn
+    for all H steps beforehand, so the random stream does not depend on when the episodes end.
     """
     horizon, tasks, rollouts_per_task = action_noise.shape[:3]
     copies = tasks * rollouts_per_task
@@ -95,7 +98,9 @@ def rollouts(
         steps["mask"].append(live)
         alive = alive & ~(result.terminated | result.truncated)
         obs = result.obs
-    shape = (horizon, tasks, rollouts_per_task)
+        if not bool(alive.any()):
+            break
+    shape = (len(steps["mask"]), tasks, rollouts_per_task)
     obs_steps, action_steps = torch.stack(steps["obs"]), torch.stack(steps["actions"])
     return (
         obs_steps.reshape(*shape, -1),
