@@ -244,12 +244,12 @@ def test_table_columns_are_each_methods_latest_point_at_or_before_the_columns_en
     comparison = compare({"test": hand_curves()}, budget=12, inner_steps=2, confidence=0.95)
     table = comparison.splits["test"]
     # x_1 = MAML's env steps after 1 inner step (2), x_K after K = 2 steps (4), mid = 6, end = 12
-    assert table.columns == {"1 step": 2, "2 steps": 4, "mid": 6, "end": 12}
+    assert table.columns == {"1 step": 2, "K = 2 steps": 4, "mid": 6, "end": 12}
     means = {m: [c.mean for c in row.returns.values()] for m, row in table.rows.items()}
     assert means["evolved"] == [11.0, 21.0, 31.0, 41.0]  # points at x = 0, 3, 6, 9
     assert means["ppo"] == [11.0, 13.0, 15.0, 17.0]
     assert means["maml"] == [15.0, 25.0, 25.0, 27.0]  # x = 2, 4, 4 (6 lies before 8), 12
-    assert table.best == {"1 step": "maml", "2 steps": "maml", "mid": "evolved", "end": "evolved"}
+    assert table.best == {"1 step": "maml", "K = 2 steps": "maml", "mid": "evolved", "end": "evolved"}
     # two lifetimes 10 and 12: mean 11, s / sqrt(2) = 1, t_{1, 0.975} = 12.706204736174
     cell = table.rows["evolved"].returns["1 step"]
     assert (cell.low, cell.high, cell.n) == pytest.approx((11 - 12.706204736174, 11 + 12.706204736174, 2))
@@ -275,10 +275,10 @@ def test_claim_a_paired_difference_both_ways():
     # evolved - PPO per lifetime: at x_K = 4 (points x = 3): 20 - 12, 22 - 14 = 8, 8; at mid 6: 16, 16
     assert claim.claim == "a" and claim.reproduced is True
     assert [c.mean for c in claim.evidence.values()] == [8.0, 16.0]
-    assert claim.verdict.startswith("reproduced: evolved − PPO at 2 steps 8.0 [8.0, 8.0]")
+    assert claim.verdict.startswith("reproduced: evolved − PPO at K = 2 steps 8.0 [8.0, 8.0]")
     claim = compare({"test": hand_curves(ppo_shift=10.0)}, 12, 2, 0.95).claims[0]
     assert claim.reproduced is False  # at x_K: 8 - 10 = -2 per lifetime
-    assert claim.verdict.startswith("not reproduced: evolved − PPO at 2 steps -2.0")
+    assert claim.verdict.startswith("not reproduced: evolved − PPO at K = 2 steps -2.0")
     without_ppo = {m: c for m, c in hand_curves().items() if m != "ppo"}
     assert compare({"test": without_ppo}, 12, 2, 0.95).claims[0].reproduced is None
 
@@ -312,17 +312,19 @@ def test_report_states_the_table_and_both_claims():
     results = fake_results()
     results["comparison"] = compare({"test": hand_curves(), "ood": hand_curves()}, 12, 2, 0.95)
     report = render_report(results)
-    assert "| method | 1 step (2) | 2 steps (4) | mid (6) | end (12) |" in report
+    assert "| method | 1 step (2) | K = 2 steps (4) | mid (6) | end (12) |" in report
     assert "| MAML θ₀ (K inner steps, then PG) | 15.0 [15.0, 15.0] * | 25.0 [25.0, 25.0] * |" in report
     assert "| 4 | 5.0 [5.0, 5.0] → 27.0 [27.0, 27.0] | yes |" in report
-    assert "**reproduced: evolved − PPO at 2 steps 8.0" in report
+    assert "**reproduced: evolved − PPO at K = 2 steps 8.0" in report
     assert "**not reproduced: evolved: end − K steps 20.0" in report
     assert results["comparison"].to_dict()["splits"]["test"]["rows"]["ppo"]["learns"] is False
 
 
-def test_evaluate_library_compares_the_epg_methods_on_a_tiny_setting():
+def test_evaluate_library_compares_every_method_on_a_tiny_setting(tmp_path):
     from pipeline.config import EpgEvalConfig
     from pipeline.envs.tasks import sample_tasks
+    from pipeline.evaluation.adapt_eval import adapting_curves
+    from pipeline.io import torch_save
     from tests.epg_helpers import TINY_INNER, TINY_NET, tiny_phi
 
     family = "point_goal"  # 50-step episodes: the post-training episode is short
@@ -334,17 +336,56 @@ def test_evaluate_library_compares_the_epg_methods_on_a_tiny_setting():
         "input_dim": tiny_phi(family, 1).shape[1],
     }
     splits = {split: sample_tasks(family, split, 2, 0) for split in ("test", "ood")}
-    config = EpgEvalConfig(seeds=2, methods=["evolved", "ppo"], max_tasks_per_split=2, device="cpu")
+    config = EpgEvalConfig(
+        seeds=2,
+        methods=["evolved", "ppo", "maml", "pretrained"],
+        max_tasks_per_split=2,
+        device="cpu",
+        maml_policy=str(tmp_path / "policy.pt"),
+        pretrained_policy=str(tmp_path / "missing.pt"),
+    )
     evaluation, curves = evaluate_loss_curves(loss, splits, config, seed=0)
-    comparison = compare(curves, evaluation.env_steps_per_lifetime, None, 0.95)
+    policies = {"maml": tmp_path / "policy.pt", "pretrained": tmp_path / "missing.pt"}
+    torch_save(policies["maml"], maml_policy_file("random_cartpole"))
+    with pytest.raises(ValueError, match="family 'random_cartpole', the evolved loss's is 'point_goal'"):
+        adapting_curves(policies, family, splits, config, 96, seed=0)
+    torch_save(policies["maml"], maml_policy_file(family))
+    with pytest.raises(FileNotFoundError, match="lists 'pretrained' but .*missing.pt does not exist"):
+        adapting_curves(policies, family, splits, config, 96, seed=0)
+    policies["pretrained"] = policies["maml"]  # the same file: the two must give the same curves
+    adapting, inner_steps = adapting_curves(policies, family, splits, config, 96, seed=0)
+    assert inner_steps == 1
+    curves = {split: {**curves[split], **adapting[split]} for split in curves}
+    comparison = compare(curves, evaluation.env_steps_per_lifetime, inner_steps, 0.95)
     for split in ("test", "ood"):
-        assert set(curves[split]) == {"evolved", "ppo"}
+        maml = curves[split]["maml"]
+        assert maml.returns.shape[0] == 4 and maml.env_steps[0] == 0 and maml.env_steps[-1] <= 96
+        assert torch.equal(maml.returns, curves[split]["pretrained"].returns)
+        assert set(curves[split]) == {"evolved", "ppo", "maml", "pretrained"}
         assert curves[split]["ppo"].env_steps == [0, 32, 64]  # 96 steps, updates every 32
         assert curves[split]["ppo"].returns.shape == (4, 3)  # 2 seeds x 2 tasks
         table = comparison.splits[split]
-        assert table.columns == {"mid": 48, "end": 96}
+        assert table.columns == {"K = 1 step": maml.env_steps[1], "mid": 48, "end": 96}
         assert table.rows["ppo"].returns["end"].mean == pytest.approx(
             float(curves[split]["ppo"].returns[:, -1].nanmean())
         )
     assert [c.claim for c in comparison.claims] == ["a", "b"]
-    assert comparison.claims[1].reproduced is None  # no MAML in this setting
+    assert all(c.reproduced in (True, False) for c in comparison.claims)
+
+
+def maml_policy_file(family: str) -> dict:
+    """A policy file in the maml stage's format, theta0 freshly initialised: 1 inner step, N = 2
+    episodes of at most 20 steps, so K + 1 samplings fit a 96-step budget."""
+    from pipeline.config import MamlConfig
+    from pipeline.maml.learner import init_theta, policy_spec
+
+    config = MamlConfig(family=family, rollouts_per_task=2, horizon=20, inner_steps=1, policy_hidden=[8])
+    spec = policy_spec(family, config)
+    return {
+        "theta": init_theta(spec, 0),
+        "family": family,
+        "obs_dim": spec.obs_dim,
+        "action_dim": spec.action_dim,
+        "discrete": spec.discrete,
+        "maml": config.model_dump(mode="json"),
+    }

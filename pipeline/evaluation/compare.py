@@ -134,7 +134,7 @@ class Comparison:
 
 
 def table_columns(budget: int, adapting: LifetimeCurves | None, inner_steps: int | None) -> dict[str, int]:
-    """x_1 and x_K (when MAML ran), mid and end of the budget, in env steps."""
+    """x_1 and x_K (when MAML ran; one column when K = 1), mid and end of the budget, in env steps."""
     columns = {}
     if adapting is not None and inner_steps:
         if len(adapting.env_steps) <= inner_steps:
@@ -142,11 +142,17 @@ def table_columns(budget: int, adapting: LifetimeCurves | None, inner_steps: int
                 f"the MAML curves have {len(adapting.env_steps)} points, fewer than K + 1 = "
                 f"{inner_steps + 1}: K inner steps' rollouts do not fit in the {budget}-step budget"
             )
-        columns["1 step"] = adapting.env_steps[1]
-        columns[f"{inner_steps} steps"] = adapting.env_steps[inner_steps]
+        if inner_steps > 1:
+            columns["1 step"] = adapting.env_steps[1]
+        columns[f"K = {inner_steps} step{'s' if inner_steps > 1 else ''}"] = adapting.env_steps[inner_steps]
     columns["mid"] = budget // 2
     columns["end"] = budget
     return columns
+
+
+def k_column(columns: dict[str, int]) -> str | None:
+    """The name of the K-inner-steps column, None when MAML did not run."""
+    return next((name for name in columns if name.startswith("K = ")), None)
 
 
 def steps_to_reach(curves: LifetimeCurves, target: float) -> int | None:
@@ -190,7 +196,7 @@ def claim_faster(
     curves: dict[str, LifetimeCurves], columns: dict[str, int], confidence: float
 ) -> ClaimVerdict:
     """(a) on held-out tasks the evolved loss trains fresh policies faster than PPO."""
-    checked = [name for name in columns if name not in ("1 step", "end")]  # K steps (if MAML ran), mid
+    checked = [name for name in (k_column(columns), "mid") if name]
     criterion = (
         "held-out (test) tasks: the paired difference evolved − PPO over the same (seed, task) "
         f"lifetimes has its CI above 0 at {' and at '.join(checked)} env steps"
@@ -211,7 +217,7 @@ def claim_keeps_learning(
     curves: dict[str, LifetimeCurves], columns: dict[str, int], confidence: float
 ) -> ClaimVerdict:
     """(b) out of distribution the evolved loss keeps learning where MAML's adaptation does not."""
-    k_name = next((name for name in columns if name.endswith(" steps")), None)
+    k_name = k_column(columns)
     criterion = (
         "ood tasks: the evolved loss's paired gain end − K steps has its CI above 0, and MAML's "
         "adaptation gain K steps − 0 steps does not (MAML's end − K steps is shown too)"
