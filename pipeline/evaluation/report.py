@@ -116,7 +116,11 @@ def comparison_section(comparison) -> list[str]:
         "the env steps MAML had used after 1 and after K inner steps, half the budget, the budget. "
         f"Cells: mean return [{level} CI] over lifetimes; * marks the best mean of a column. "
         "'steps to PPO final': the first point whose mean reaches PPO's end-of-budget mean. 'learns': "
-        "the last point's CI lies above the first point's.",
+        "the last point's CI lies above the first point's. These are returns of the episodes played "
+        "while training (the learning curves), so they differ from the post-training episodes above. "
+        "MAML and the pretrained policy sample `maml.rollouts_per_task` episodes of at most "
+        "`maml.horizon` steps per point (params below); on cart-pole that caps their returns at the "
+        "horizon.",
         "",
     ]
     for split, table in comparison.splits.items():
