@@ -8,7 +8,8 @@
   tasks x rollouts copies, policies stacked over tasks);
 * loop: the same work as a Python loop over tasks (one task's rollouts at a time).
 
-Env steps count every copy's steps, (inner_steps + 1) x horizon x tasks x rollouts per phase. Ratios
+Env steps count the steps of the sampled episodes (the rollouts stop once every episode of the batch
+has ended, so a family that terminates early, cart-pole, steps less than horizon x copies). Ratios
 are what to read: batched / loop (target >= 5) and batched / raw. ``meta_iteration_seconds`` is a
 whole batched meta-iteration (sampling plus the TRPO outer step), for context.
 """
@@ -43,10 +44,16 @@ def raw_env_steps_per_second(family: str, tasks: list[dict], seconds: float = 3.
     return steps / (time.perf_counter() - start)
 
 
-def timed(function) -> float:
+def timed(function) -> tuple[float, int]:
+    """(seconds, env steps) of one call of ``function``, which returns the env steps it sampled."""
     start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+    steps = function()
+    return time.perf_counter() - start, steps
+
+
+def rate(function, repeats: int) -> float:
+    """Median env steps per second over ``repeats`` calls."""
+    return statistics.median(steps / seconds for seconds, steps in (timed(function) for _ in range(repeats)))
 
 
 def main() -> None:
@@ -75,17 +82,19 @@ def main() -> None:
     theta = init_theta(spec, 0)
     generator = torch.Generator().manual_seed(0)
 
-    def batched():
-        sample_adaptation(spec, config, theta, family, tasks, config.inner_steps, generator)
+    def sampled_steps(task_list: list[dict]) -> int:
+        episodes, _ = sample_adaptation(spec, config, theta, family, task_list, config.inner_steps, generator)
+        return sum(e.env_steps() for e in episodes)
 
-    def loop():
-        for task in tasks:
-            sample_adaptation(spec, config, theta, family, [task], config.inner_steps, generator)
+    def batched() -> int:
+        return sampled_steps(tasks)
 
-    steps = (config.inner_steps + 1) * config.horizon * len(tasks) * n
+    def loop() -> int:
+        return sum(sampled_steps([task]) for task in tasks)
+
     batched(), loop()  # warm-up: first-call imports and allocations
-    batched_seconds = statistics.median(timed(batched) for _ in range(args.repeats))
-    loop_seconds = statistics.median(timed(loop) for _ in range(args.repeats))
+    batched_rate, loop_rate = rate(batched, args.repeats), rate(loop, args.repeats)
+    batched_seconds = statistics.median(timed(batched)[0] for _ in range(args.repeats))
     raw = raw_env_steps_per_second(family, [t for t in tasks for _ in range(n)])
     learner = MamlLearner(config, tasks, seed=0)
     learner.step()
@@ -98,12 +107,11 @@ def main() -> None:
         "horizon": config.horizon,
         "inner_steps": config.inner_steps,
         "policy_hidden": list(config.policy_hidden),
-        "env_steps_per_phase": steps,
         "raw_env_steps_per_second": raw,
-        "batched_env_steps_per_second": steps / batched_seconds,
-        "loop_env_steps_per_second": steps / loop_seconds,
-        "batched_over_loop": loop_seconds / batched_seconds,
-        "batched_over_raw": steps / batched_seconds / raw,
+        "batched_env_steps_per_second": batched_rate,
+        "loop_env_steps_per_second": loop_rate,
+        "batched_over_loop": batched_rate / loop_rate,
+        "batched_over_raw": batched_rate / raw,
         "meta_iteration_seconds": meta_iteration_seconds,
         "sampling_share_of_meta_iteration": batched_seconds / meta_iteration_seconds,
         "torch_threads": torch.get_num_threads(),

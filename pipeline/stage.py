@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .config import ConfigError, PipelineConfig, load_params, params_hash, section_dict
 from .errors import StageStop
@@ -306,3 +307,9 @@ class Checkpointer:
             self.save(state())
         if stop is not None:
             raise StopRequested(stop)
+
+
+def loop_progress(desc: str, unit: str, start: int, total: int) -> tqdm:
+    """The progress bar of a resumable loop over ``range(start, total)``: it starts at ``start`` of
+    ``total`` (the steps a checkpoint already did count as done); off when stderr is not a terminal."""
+    return tqdm(range(start, total), desc=desc, unit=unit, initial=start, total=total, disable=None)

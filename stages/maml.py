@@ -9,6 +9,7 @@ def main(config, root):
         config,
         tasks_path=root / "data/prepared/tasks.json",
         policy_path=root / "models/maml/policy.pt",
+        pretrained_path=root / "models/maml/pretrained.pt",
         metrics_path=root / "metrics/maml.json",
         plots_dir=root / "plots/maml",
         checkpoint_dir=root / "checkpoints/maml",

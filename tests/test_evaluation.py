@@ -295,6 +295,12 @@ def test_claim_b_evolved_keeps_learning_and_maml_adaptation_does_not_both_ways()
     assert claim.reproduced is True and claim.evidence["MAML: K steps − 0 steps"].mean == 0.0
     assert claim.verdict.startswith("reproduced")
     assert compare({"ood": hand_curves()}, 12, None, 0.95).claims[0].reproduced is None
+    # MAML's first N episodes took more than the budget: theta0's point alone, no 1 / K columns
+    curves = hand_curves()
+    curves["maml"] = LifetimeCurves([0], torch.tensor([[5.0], [5.0]]))
+    comparison = compare({"ood": curves}, 12, 2, 0.95)
+    assert comparison.splits["ood"].columns == {"mid": 6, "end": 12}
+    assert comparison.claims[0].reproduced is None and "did not fit" in comparison.claims[0].verdict
 
 
 def test_epg_curves_sit_at_the_steps_trained_on_and_carry_the_last_finished_episodes_forward():

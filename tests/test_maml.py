@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import MamlConfig, PipelineConfig
+from pipeline.config import EPG_METHODS, MamlConfig, PipelineConfig
 from pipeline.envs.tasks import make_env, sample_tasks
 from pipeline.maml import meta
 from pipeline.maml.learner import (
@@ -336,29 +336,38 @@ def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path,
 
     def maml_into(folder):
         return run_maml(
-            config, tasks, folder / "policy.pt", folder / "metrics.json", folder / "plots", folder / "ckpt"
+            config,
+            tasks,
+            folder / "policy.pt",
+            folder / "pretrained.pt",
+            folder / "metrics.json",
+            folder / "plots",
+            folder / "ckpt",
         )
 
     uninterrupted = maml_into(tmp_path / "a")
     original_step, calls = MamlLearner.step, {"n": 0}
 
-    def killed_at_iteration_three(self):
+    def killed_in_iteration_three(self):  # MAML's step, then the baseline's, in every iteration
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 6:  # the baseline's step of iteration 3, after the checkpoint of iteration 2
             raise RuntimeError("simulated kill")
         return original_step(self)
 
-    monkeypatch.setattr(MamlLearner, "step", killed_at_iteration_three)
+    monkeypatch.setattr(MamlLearner, "step", killed_in_iteration_three)
     with pytest.raises(RuntimeError, match="simulated kill"):
         maml_into(tmp_path / "b")
     killed_run = read_json(tmp_path / "b/ckpt/run.json")["mlflow_run_id"]
     monkeypatch.setattr(MamlLearner, "step", original_step)
     resumed = maml_into(tmp_path / "b")
 
-    a, b = torch_load(tmp_path / "a/policy.pt"), torch_load(tmp_path / "b/policy.pt")
-    for name in a["theta"]:
-        assert torch.equal(a["theta"][name], b["theta"][name])
-    assert a["test_returns"] == b["test_returns"]
+    for policy in ("policy.pt", "pretrained.pt"):
+        a, b = torch_load(tmp_path / "a" / policy), torch_load(tmp_path / "b" / policy)
+        for name in a["theta"]:
+            assert torch.equal(a["theta"][name], b["theta"][name])
+        assert a["test_returns"] == b["test_returns"]
+    maml, pretrained = (torch_load(tmp_path / "a" / name)["theta"] for name in ("policy.pt", "pretrained.pt"))
+    assert any(not torch.equal(maml[name], pretrained[name]) for name in maml)
     assert resumed["mlflow_run_id"] == killed_run != uninterrupted["mlflow_run_id"]
     assert resumed["iterations"] == 4
     assert resumed["registered_version"] == "2"
@@ -366,6 +375,9 @@ def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path,
     assert sorted(m.step for m in history) == [0, 1, 2, 3], "an iteration was lost or logged twice"
     for name in ("pre_adaptation_return", "kl", "surrogate_gain", "line_search_steps"):
         assert len(MlflowClient().get_metric_history(killed_run, name)) == 4
+    baseline = MlflowClient().get_metric_history(killed_run, "pretrained/return")
+    assert sorted(m.step for m in baseline) == [0, 1, 2, 3]
+    assert len(MlflowClient().get_metric_history(killed_run, "pretrained/test_return")) == 2
 
 
 def test_maml_policy_registry_round_trip(tmp_path, monkeypatch):
@@ -418,6 +430,33 @@ def test_bad_maml_params_exit_2_naming_the_key_and_write_nothing(tmp_path, capsy
     assert "maml.family 'random_hopper' must be listed in prepare.task_families" in capsys.readouterr().err
 
 
+def test_maml_compared_with_epg_must_share_its_task_family():
+    from pipeline.config import check_maml_compared_on_epg_family
+
+    message = "maml.family 'point_goal' must equal evolve.family 'random_cartpole'"
+    with pytest.raises(ValueError, match=message):
+        check_maml_compared_on_epg_family("point_goal", "random_cartpole", ["evolved", "maml"])
+    check_maml_compared_on_epg_family("point_goal", "random_cartpole", ["evolved", "ppo"])  # not compared
+    check_maml_compared_on_epg_family("random_cartpole", "random_cartpole", ["maml", "pretrained"])
+
+
+@pytest.mark.skipif("maml" not in EPG_METHODS, reason="evaluate.epg.methods cannot list maml yet")
+def test_maml_on_another_family_than_epg_exits_2_when_evaluate_compares_them(tmp_path, capsys):
+    from pipeline.stage import stage_main
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"]["task_families"] = ["point_goal", "random_cartpole"]
+    params["maml"]["family"], params["evolve"]["family"] = "point_goal", "random_cartpole"
+    params["evaluate"]["epg"]["methods"] = ["evolved", "maml"]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("evaluate", lambda config, root: pytest.fail("the stage ran"), ["--params", str(bad)])
+    assert exit_info.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "maml.family" in line]
+    assert "maml.family 'point_goal' must equal evolve.family 'random_cartpole'" in line
+
+
 @pytest.mark.e2e
 def test_maml_stage_killed_with_sigkill_resumes_to_the_uninterrupted_policy(tmp_path):
     import os
@@ -458,7 +497,8 @@ def test_maml_stage_killed_with_sigkill_resumes_to_the_uninterrupted_policy(tmp_
     killed_run = read_json(tmp_path / "b/checkpoints/maml/run.json")["mlflow_run_id"]
     assert stage(tmp_path / "b").wait(timeout=600) == 0
 
-    a, b = (torch_load(tmp_path / f"{x}/models/maml/policy.pt") for x in "ab")
-    for name in a["theta"]:
-        assert torch.equal(a["theta"][name], b["theta"][name])
+    for policy in ("policy.pt", "pretrained.pt"):
+        a, b = (torch_load(tmp_path / f"{x}/models/maml/{policy}") for x in "ab")
+        for name in a["theta"]:
+            assert torch.equal(a["theta"][name], b["theta"][name])
     assert read_json(tmp_path / "b/metrics/maml.json")["mlflow_run_id"] == killed_run

@@ -112,7 +112,23 @@ class PipelineConfig(Frozen):
     def _maml_family_prepared(self):
         if self.maml.family not in self.prepare.task_families:
             raise ValueError(f"maml.family {self.maml.family!r} must be listed in prepare.task_families")
+        check_maml_compared_on_epg_family(self.maml.family, self.evolve.family, self.evaluate.epg.methods)
         return self
+
+
+MAML_COMPARISON_METHODS = ("maml", "pretrained")
+"""evaluate.epg.methods that run the maml stage's policy files on the EPG lifetimes' tasks."""
+
+
+def check_maml_compared_on_epg_family(maml_family: str, evolve_family: str, methods) -> None:
+    """When evaluate sets MAML against EPG, both must have trained on one task family: MAML's policy
+    acts on evolve.family's tasks (its observation and action spaces)."""
+    compared = [method for method in methods if method in MAML_COMPARISON_METHODS]
+    if compared and maml_family != evolve_family:
+        raise ValueError(
+            f"maml.family {maml_family!r} must equal evolve.family {evolve_family!r}: "
+            f"evaluate.epg.methods {compared} compares MAML with EPG on evolve.family's tasks"
+        )
 
 
 __all__ = [
@@ -153,6 +169,8 @@ __all__ = [
     "PipelineConfig",
     "TrackingConfig",
     "STAGES",
+    "MAML_COMPARISON_METHODS",
+    "check_maml_compared_on_epg_family",
     "load_params",
     "format_validation_error",
     "section_dict",

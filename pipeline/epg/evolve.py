@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import load_tasks, make_env
@@ -25,7 +24,7 @@ from ..io import torch_save, write_csv, write_json
 from ..plots import line_plot
 from ..registry import register_loss
 from ..seeding import derived_seed
-from ..stage import Checkpointer, resumable_stage_run
+from ..stage import Checkpointer, loop_progress, resumable_stage_run
 from ..tracking import git_state
 from .inner import loss_net_input_dim, policy_spec
 from .loss_net import initial_phi
@@ -186,14 +185,7 @@ def evolve_generations(
             "mlflow_run_id": run.run_id,
         }
 
-    progress = tqdm(
-        range(start, evolve.generations),
-        desc="evolve",
-        unit="gen",
-        initial=start,
-        total=evolve.generations,
-        disable=None,
-    )
+    progress = loop_progress("evolve", "gen", start, evolve.generations)
     with checkpointer.deferring_stop(), progress:
         for generation in progress:
             row = evolve_one_generation(evolve, generation, problem, searcher)

@@ -75,11 +75,16 @@ def adaptation_curves(
     What is counted: the env steps of the sampled episodes, i.e. each episode's own length (at most the
     policy file's ``horizon``; a cart-pole that falls after 20 steps counts 20). Every step an episode
     took counts, as every step of an EPG lifetime does; the steps a batched env copy idles after its
-    episode ended are not steps of any episode and are not counted. Lifetimes take different numbers
-    of steps; ``env_steps[i]`` is the largest count over lifetimes of the steps of the episodes sampled
-    at points 0..i-1 (what the policy of point i was trained on; 0 at point 0). A sampling is kept only
-    when afterwards every lifetime's count is still <= ``env_step_budget``, so every recorded episode of
-    every lifetime lies within the budget; the first sampling not kept ends the curves.
+    episode ended belong to no episode and are not counted. Lifetimes take different numbers of steps;
+    ``env_steps[i]`` is the largest count over lifetimes of the steps of the episodes sampled at points
+    0..i-1: the data the policy of point i was trained on (0 at point 0: theta0 as loaded).
+
+    When it stops: point i + 1 exists when the training data of its policy, the episodes of points
+    0..i, took at most ``env_step_budget`` steps in every lifetime; so every PG step learns from
+    episodes within the budget, and ``env_steps[-1] <= env_step_budget``. The episodes of the last
+    point only measure its policy (no step learns from them) and may go past the budget, as MAML's
+    post-adaptation episodes are evaluation data. Point 0 always exists: a budget smaller than the
+    first N episodes gives theta0's return alone.
 
     Random numbers (action and reset noise) come from one CPU generator seeded with
     ``derived_seed(seed, "maml", "adaptation")``: the same lifetimes and seed give the same curves on
@@ -96,16 +101,10 @@ def adaptation_curves(
     stream = adaptation_stream(spec, config, theta0, config.family, lifetimes, generator, device)
     used = torch.zeros(len(lifetimes), dtype=torch.long)  # env steps of each lifetime's episodes so far
     env_steps, returns = [], []
-    for episodes, _ in stream:
-        taken = used + episodes.mask.sum((0, 2)).long().cpu()
-        if int(taken.max()) > env_step_budget:
-            break
+    for episodes, _ in stream:  # the next PG step is only taken when the loop asks for the next point
         env_steps.append(int(used.max()))
         returns.append(episodes.task_returns().cpu())
-        used = taken
-    if not returns:
-        raise ValueError(
-            f"env_step_budget {env_step_budget} is less than the first {config.rollouts_per_task} "
-            f"episodes of a lifetime took ({int(taken.max())} env steps)"
-        )
+        used = used + episodes.mask.sum((0, 2)).long().cpu()
+        if int(used.max()) > env_step_budget:
+            break
     return AdaptationCurves(env_steps, torch.stack(returns, dim=1).float(), config.inner_steps)

@@ -4,7 +4,8 @@ One meta-iteration: T tasks are drawn from the training pool; one batched env ho
 copies; the K inner steps' episodes and the post-adaptation episodes are sampled in turn, each by the
 policies adapted so far (all T at once); then TRPO updates theta0 on the post-adaptation surrogate,
 differentiating through the K inner steps (second order unless ``first_order``). Every random number
-comes from one CPU generator, so a run is reproducible and a checkpoint resumes it exactly.
+comes from CPU generators (episode noise, meta-batch tasks), so a run is reproducible and a checkpoint
+resumes it exactly.
 """
 
 from __future__ import annotations
@@ -100,23 +101,33 @@ def meta_batch(spec: pol.PolicySpec, episodes: list[Episodes], adapted: dict) ->
 
 
 class MamlLearner:
-    """theta0 and the generator of one MAML run; :meth:`step` is one meta-iteration."""
+    """theta0 and the generators of one MAML run; :meth:`step` is one meta-iteration.
 
-    def __init__(self, config: MamlConfig, train_tasks: list[dict], seed: int, device="cpu"):
+    ``adapt=False`` is the MAML paper's "pretrained" baseline: the same TRPO step on the same
+    meta-batches, without inner steps, so it maximises the return of theta0 itself on all training
+    tasks jointly. Learners built with the same seed start from the same theta0 and draw the same
+    sequence of meta-batches (tasks come from their own generator, apart from the episode noise).
+    """
+
+    def __init__(
+        self, config: MamlConfig, train_tasks: list[dict], seed: int, device="cpu", adapt: bool = True
+    ):
         if not train_tasks:
             raise ValueError("MAML needs at least one training task")
         self.config, self.train_tasks, self.device = config, train_tasks, torch.device(device)
+        self.inner_steps = config.inner_steps if adapt else 0
         self.spec = policy_spec(config.family, config)
         self.theta = init_theta(self.spec, seed, self.device)
         self.generator = torch.Generator().manual_seed(int(seed) + 1)
+        self.task_generator = torch.Generator().manual_seed(int(seed) + 2)
 
     def sample_tasks(self) -> list[dict]:
         """``meta_batch_size`` tasks of the training pool: without replacement while the pool allows."""
         pool, size = len(self.train_tasks), self.config.meta_batch_size
         if size <= pool:
-            index = torch.randperm(pool, generator=self.generator)[:size]
+            index = torch.randperm(pool, generator=self.task_generator)[:size]
         else:
-            index = torch.randint(pool, (size,), generator=self.generator)
+            index = torch.randint(pool, (size,), generator=self.task_generator)
         return [self.train_tasks[i] for i in index.tolist()]
 
     def step(self) -> dict[str, float]:
@@ -129,7 +140,7 @@ class MamlLearner:
             self.theta,
             config.family,
             self.sample_tasks(),
-            config.inner_steps,
+            self.inner_steps,
             self.generator,
             self.device,
         )
@@ -165,11 +176,16 @@ class MamlLearner:
         }
 
     def state(self) -> dict:
-        return {"theta": {k: v.cpu() for k, v in self.theta.items()}, "generator": self.generator.get_state()}
+        return {
+            "theta": {k: v.cpu() for k, v in self.theta.items()},
+            "generator": self.generator.get_state(),
+            "task_generator": self.task_generator.get_state(),
+        }
 
     def load_state(self, state: dict) -> None:
         self.theta = {k: v.to(self.device) for k, v in state["theta"].items()}
         self.generator.set_state(state["generator"])
+        self.task_generator.set_state(state["task_generator"])
 
 
 def adaptation_returns(

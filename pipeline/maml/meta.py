@@ -105,8 +105,13 @@ def kl_divergence(spec: pol.PolicySpec, old_head: Tensor, new_head: Tensor) -> T
 def meta_objective(
     spec: pol.PolicySpec, theta0: dict, batch: MetaBatch, lr: float, first_order: bool
 ) -> tuple[Tensor, Tensor]:
-    """``(S_t, KL_t)``, each ``[T]``: the post-adaptation surrogate and KL of every task (see module)."""
-    params = adapt(spec, theta0, batch.train, lr, first_order)
+    """``(S_t, KL_t)``, each ``[T]``: the post-adaptation surrogate and KL of every task (see module).
+    Without inner-step episodes (``batch.train`` empty) the policy is theta0 itself: the objective of
+    the pretrained baseline, one policy trained on all tasks jointly."""
+    if batch.train:
+        params = adapt(spec, theta0, batch.train, lr, first_order)
+    else:
+        params = expand_tasks(theta0, batch.tasks)
     valid = batch.valid
     head = pol.policy_head(spec, params, task_rows(valid.obs))
     actions, mask = task_rows(valid.actions), task_rows(valid.mask)
