@@ -37,35 +37,7 @@ def render_report(results: dict) -> str:
         "",
     ]
     if epg:
-        loss = results.get("loss", {})
-        lines += [
-            "## Evolved loss on held-out and out-of-distribution tasks",
-            "",
-            f"Loss `{loss.get('reference', '–')}` (registry version {loss.get('version', '–')}, family "
-            f"`{epg.family}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
-            f"{_num(loss.get('fitness'))} at generation {loss.get('generation', '–')}). Each method trains "
-            f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair: "
-            f"{epg.seeds} seeds × "
-            f"{', '.join(f'{n} {s}' for s, n in epg.tasks_per_split.items())} tasks. "
-            "Returns are the mean of the post-training episodes; intervals are 95 % Student-t CIs over "
-            "lifetimes.",
-            "",
-        ]
-        rows = []
-        for split, methods in epg.splits.items():
-            for method, summary in methods.items():
-                rows.append(
-                    [
-                        split,
-                        METHOD_LABELS.get(method, method),
-                        _num(summary.mean),
-                        f"[{_num(summary.ci_low)}, {_num(summary.ci_high)}]",
-                        str(summary.lifetimes),
-                        str(summary.nonfinite_lifetimes),
-                    ]
-                )
-        lines += _table(["split", "method", "mean final return", "95 % CI", "lifetimes", "non-finite"], rows)
-        lines.append("")
+        lines += epg_section(epg, results.get("loss", {}))
     if results.get("comparison"):
         lines += comparison_section(results["comparison"])
     promotion = results.get("promotion")
@@ -101,6 +73,39 @@ CLAIMS = {
     "b": "(b) Out of distribution, EPG's loss keeps learning where MAML's adaptation does not "
     "(EPG paper, GoalAnt with the goal behind the agent).",
 }
+
+
+def epg_section(epg, loss: dict) -> list[str]:
+    """The post-training returns of the EPG methods (the loss networks, PPO and PG) per split."""
+    lines = [
+        "## Evolved loss on held-out and out-of-distribution tasks",
+        "",
+        f"Loss `{loss.get('reference', '–')}` (registry version {loss.get('version', '–')}, family "
+        f"`{epg.family}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
+        f"{_num(loss.get('fitness'))} at generation {loss.get('generation', '–')}). Each method trains "
+        f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair: "
+        f"{epg.seeds} seeds × "
+        f"{', '.join(f'{n} {s}' for s, n in epg.tasks_per_split.items())} tasks. "
+        "Returns are the mean of the post-training episodes; intervals are 95 % Student-t CIs over "
+        "lifetimes.",
+        "",
+    ]
+    rows = []
+    for split, methods in epg.splits.items():
+        for method, summary in methods.items():
+            rows.append(
+                [
+                    split,
+                    METHOD_LABELS.get(method, method),
+                    _num(summary.mean),
+                    f"[{_num(summary.ci_low)}, {_num(summary.ci_high)}]",
+                    str(summary.lifetimes),
+                    str(summary.nonfinite_lifetimes),
+                ]
+            )
+    lines += _table(["split", "method", "mean final return", "95 % CI", "lifetimes", "non-finite"], rows)
+    lines.append("")
+    return lines
 
 
 def comparison_section(comparison) -> list[str]:
