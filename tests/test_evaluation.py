@@ -2,6 +2,7 @@
 
 import math
 import random
+import re
 from dataclasses import replace
 
 import pytest
@@ -244,12 +245,12 @@ def test_table_columns_are_each_methods_latest_point_at_or_before_the_columns_en
     comparison = compare({"test": hand_curves()}, budget=12, inner_steps=2, confidence=0.95)
     table = comparison.splits["test"]
     # x_1 = MAML's env steps after 1 inner step (2), x_K after K = 2 steps (4), mid = 6, end = 12
-    assert table.columns == {"1 step": 2, "K = 2 steps": 4, "mid": 6, "end": 12}
+    assert table.columns == {"1 step": 2, "K: 2 steps": 4, "mid": 6, "end": 12}
     means = {m: [c.mean for c in row.returns.values()] for m, row in table.rows.items()}
     assert means["evolved"] == [11.0, 21.0, 31.0, 41.0]  # points at x = 0, 3, 6, 9
     assert means["ppo"] == [11.0, 13.0, 15.0, 17.0]
     assert means["maml"] == [15.0, 25.0, 25.0, 27.0]  # x = 2, 4, 4 (6 lies before 8), 12
-    assert table.best == {"1 step": "maml", "K = 2 steps": "maml", "mid": "evolved", "end": "evolved"}
+    assert table.best == {"1 step": "maml", "K: 2 steps": "maml", "mid": "evolved", "end": "evolved"}
     # two lifetimes 10 and 12: mean 11, s / sqrt(2) = 1, t_{1, 0.975} = 12.706204736174
     cell = table.rows["evolved"].returns["1 step"]
     assert (cell.low, cell.high, cell.n) == pytest.approx((11 - 12.706204736174, 11 + 12.706204736174, 2))
@@ -275,10 +276,10 @@ def test_claim_a_paired_difference_both_ways():
     # evolved - PPO per lifetime: at x_K = 4 (points x = 3): 20 - 12, 22 - 14 = 8, 8; at mid 6: 16, 16
     assert claim.claim == "a" and claim.reproduced is True
     assert [c.mean for c in claim.evidence.values()] == [8.0, 16.0]
-    assert claim.verdict.startswith("reproduced: evolved − PPO at K = 2 steps 8.0 [8.0, 8.0]")
+    assert claim.verdict.startswith("reproduced: evolved − PPO at K: 2 steps 8.0 [8.0, 8.0]")
     claim = compare({"test": hand_curves(ppo_shift=10.0)}, 12, 2, 0.95).claims[0]
     assert claim.reproduced is False  # at x_K: 8 - 10 = -2 per lifetime
-    assert claim.verdict.startswith("not reproduced: evolved − PPO at K = 2 steps -2.0")
+    assert claim.verdict.startswith("not reproduced: evolved − PPO at K: 2 steps -2.0")
     without_ppo = {m: c for m, c in hand_curves().items() if m != "ppo"}
     assert compare({"test": without_ppo}, 12, 2, 0.95).claims[0].reproduced is None
 
@@ -318,12 +319,17 @@ def test_report_states_the_table_and_both_claims():
     results = fake_results()
     results["comparison"] = compare({"test": hand_curves(), "ood": hand_curves()}, 12, 2, 0.95)
     report = render_report(results)
-    assert "| method | 1 step (2) | K = 2 steps (4) | mid (6) | end (12) |" in report
+    assert "| method | 1 step (2) | K: 2 steps (4) | mid (6) | end (12) |" in report
     assert "| MAML θ₀ (K inner steps, then PG) | 15.0 [15.0, 15.0] * | 25.0 [25.0, 25.0] * |" in report
     assert "| 4 | 5.0 [5.0, 5.0] → 27.0 [27.0, 27.0] | yes |" in report
-    assert "**reproduced: evolved − PPO at K = 2 steps 8.0" in report
+    assert "**reproduced: evolved − PPO at K: 2 steps 8.0" in report
     assert "**not reproduced: evolved: end − K steps 20.0" in report
     assert results["comparison"].to_dict()["splits"]["test"]["rows"]["ppo"]["learns"] is False
+    from pipeline.evaluation.run import _flat_numbers
+
+    names = _flat_numbers({"comparison": results["comparison"].to_dict()})
+    assert "comparison.splits.test.rows.maml.returns.K: 2 steps.mean" in names
+    assert all(re.fullmatch(r"[\w\-. :/]+", name, re.ASCII) for name in names)  # MLflow's metric names
 
 
 def test_evaluate_library_compares_every_method_on_a_tiny_setting(tmp_path):
@@ -371,7 +377,7 @@ def test_evaluate_library_compares_every_method_on_a_tiny_setting(tmp_path):
         assert curves[split]["ppo"].env_steps == [0, 32, 64]  # 96 steps, updates every 32
         assert curves[split]["ppo"].returns.shape == (4, 3)  # 2 seeds x 2 tasks
         table = comparison.splits[split]
-        assert table.columns == {"K = 1 step": maml.env_steps[1], "mid": 48, "end": 96}
+        assert table.columns == {"K: 1 step": maml.env_steps[1], "mid": 48, "end": 96}
         assert table.rows["ppo"].returns["end"].mean == pytest.approx(
             float(curves[split]["ppo"].returns[:, -1].nanmean())
         )

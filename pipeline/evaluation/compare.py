@@ -140,7 +140,7 @@ def table_columns(budget: int, adapting: LifetimeCurves | None, inner_steps: int
     if adapting is not None and inner_steps and len(adapting.env_steps) > inner_steps:
         if inner_steps > 1:
             columns["1 step"] = adapting.env_steps[1]
-        columns[f"K = {inner_steps} step{'s' if inner_steps > 1 else ''}"] = adapting.env_steps[inner_steps]
+        columns[f"K: {inner_steps} step{'s' if inner_steps > 1 else ''}"] = adapting.env_steps[inner_steps]
     columns["mid"] = budget // 2
     columns["end"] = budget
     return columns
@@ -148,7 +148,7 @@ def table_columns(budget: int, adapting: LifetimeCurves | None, inner_steps: int
 
 def k_column(columns: dict[str, int]) -> str | None:
     """The name of the K-inner-steps column, None when MAML did not run."""
-    return next((name for name in columns if name.startswith("K = ")), None)
+    return next((name for name in columns if name.startswith("K: ")), None)
 
 
 def steps_to_reach(curves: LifetimeCurves, target: float) -> int | None:
