@@ -141,6 +141,7 @@ def test_dvc_repro_runs_every_stage(project):
         "models/metagrad/pong/impala/seed0.pt",
         "models/metagrad/pong/gamma_lambda/seed0.pt",
         "models/maml/policy.pt",
+        "models/maml/pretrained.pt",
         "plots/maml/returns.csv",
         "reports/report.md",
         "plots/evolve/fitness.csv",

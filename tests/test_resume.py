@@ -27,6 +27,8 @@ SIGKILL_STATUS, SIGTERM_STATUS = -9, 143  # subprocess reports death by a signal
 
 GENERATIONS = 6  # evolve: checkpoints after generations 2, 4 and 6 (checkpoint_every 2)
 UPDATES = 8  # metagrad: 4 envs x 5 steps x 4 frames per update, checkpoints every 2 updates
+ITERATIONS = 6  # maml: checkpoints after iterations 2, 4 and 6; two learner steps (MAML, pretrained) each
+CALLS_PER_STEP = {"maml": 2}
 
 
 def tiny_params(path: Path) -> Path:
@@ -44,6 +46,17 @@ def tiny_params(path: Path) -> Path:
         log_every=1,
         device="cpu",
         env={"frameskip": 4, "stack": 4, "noop_max": 30, "max_episode_frames": 108000, "env_threads": 1},
+    )
+    params["maml"].update(
+        iterations=ITERATIONS,
+        meta_batch_size=3,
+        rollouts_per_task=3,
+        horizon=10,
+        policy_hidden=[16],
+        checkpoint_every=2,
+        eval_tasks=2,
+        eval_inner_steps=1,
+        device="cpu",
     )
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -105,8 +118,17 @@ STAGES = {
         "checkpoints/metagrad/pong/gamma_lambda/seed0.pt",
         "updates",
     ),
+    "maml": (
+        "pipeline.maml.learner:MamlLearner.step",
+        2 * 3 + 1,  # MAML's step of the 4th iteration (the pretrained baseline steps after it)
+        "models/maml/policy.pt",
+        ["plots/maml/returns.csv"],
+        "checkpoints/maml/maml.pt",
+        "iteration",
+    ),
 }
-TIMING_COLUMNS = {"env_steps_per_second"}  # wall-clock figures differ between any two runs
+MORE_MODELS = {"maml": ["models/maml/pretrained.pt"]}
+TIMING_COLUMNS = {"env_steps_per_second", "seconds"}  # wall-clock figures differ between any two runs
 
 
 class Project:
@@ -120,7 +142,7 @@ class Project:
 
     def output_root(self, name: str) -> Path:
         root = self.folder / name
-        if self.stage == "evolve" and not (root / "data/prepared/tasks.json").exists():
+        if self.stage in ("evolve", "maml") and not (root / "data/prepared/tasks.json").exists():
             from pipeline.prepare import task_splits
 
             config = PipelineConfig.model_validate(yaml.safe_load(self.params.read_text()))
@@ -155,7 +177,8 @@ def curves(root: Path, files: list[str]) -> list[list[dict]]:
 
 def assert_same_outputs(first: Path, second: Path, stage: str) -> None:
     _, _, model, files, _, _ = STAGES[stage]
-    assert (first / model).read_bytes() == (second / model).read_bytes(), f"{model} differs"
+    for name in [model, *MORE_MODELS.get(stage, [])]:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), f"{name} differs"
     assert curves(first, files) == curves(second, files)
 
 
@@ -176,7 +199,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stage", ["evolve", "metagrad"])
+@pytest.mark.parametrize("stage", ["evolve", "metagrad", "maml"])
 def test_killed_and_terminated_stage_resumes_to_the_uninterrupted_outputs(uninterrupted, stage):
     """One stage process after another: kill -9 between checkpoints, kill -9 inside a checkpoint write,
     SIGTERM (checkpoint, run KILLED, status 143), then a rerun that finishes: same bytes as an
@@ -201,7 +224,8 @@ def test_killed_and_terminated_stage_resumes_to_the_uninterrupted_outputs(uninte
     assert not list(folder.glob(".*.tmp")), "the write cut by kill -9 left its temporary file"
 
     finished = project.run(root, call_fault(step, 0, "SIGKILL"))
-    left = {"evolve": GENERATIONS, "metagrad": UPDATES}[stage] - 3
+    steps = {"evolve": GENERATIONS, "metagrad": UPDATES, "maml": ITERATIONS}[stage]
+    left = (steps - 3) * CALLS_PER_STEP.get(stage, 1)
     assert f"calls: {left}\n" in finished.stderr, "resumed from checkpoint 3, not started over"
     assert_same_outputs(reference, root, stage)
     metrics = read_json(root / "metrics" / f"{stage}.json")
