@@ -2,13 +2,22 @@
 
 import math
 import random
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from pipeline.evaluation.epg_eval import CurvePoint, EpgEvaluation, MethodResult, curve_summary, summarise
+from pipeline.evaluation.compare import LifetimeCurves, compare, epg_curves, steps_to_reach
+from pipeline.evaluation.epg_eval import (
+    CurvePoint,
+    EpgEvaluation,
+    MethodResult,
+    curve_summary,
+    evaluate_loss_curves,
+    summarise,
+)
 from pipeline.evaluation.promotion import decide_promotion
 from pipeline.evaluation.report import render_report
 from pipeline.evaluation.stats import aggregate_hns, human_normalized, mean_ci
@@ -215,3 +224,180 @@ def test_epg_results_are_typed_and_serialise_to_the_former_layout():
     ]
     assert evolved["curve"][0] == {"env_steps": 64, "mean": 2.0, "low": 2.0, "high": 2.0}
     assert isinstance(points[0], CurvePoint)
+
+
+# ------------------------------------------------------------------------ the comparison at equal steps
+def hand_curves(maml_returns: list[list[float]] | None = None, ppo_shift: float = 0.0) -> dict:
+    """Budget 12; the EPG methods' points at x = 0, 3, 6, 9 (M = 3), MAML's at 0, 2, 4, 8, 12 (K = 2)."""
+    epg_steps = [0, 3, 6, 9]
+    curves = {
+        "evolved": LifetimeCurves(epg_steps, torch.tensor([[10.0, 20, 30, 40], [12, 22, 32, 42]])),
+        "ppo": LifetimeCurves(epg_steps, torch.tensor([[10.0, 12, 14, 16], [12, 14, 16, 18]]) + ppo_shift),
+        "random_loss": LifetimeCurves(epg_steps, torch.zeros(2, 4)),
+        "maml": LifetimeCurves(
+            [0, 2, 4, 8, 12], torch.tensor(maml_returns or [[5.0, 15, 25, 26, 27], [5, 15, 25, 26, 27]])
+        ),
+    }
+    return curves
+
+
+def test_table_columns_are_each_methods_latest_point_at_or_before_the_columns_env_steps():
+    comparison = compare({"test": hand_curves()}, budget=12, inner_steps=2, confidence=0.95)
+    table = comparison.splits["test"]
+    # x_1 = MAML's env steps after 1 inner step (2), x_K after K = 2 steps (4), mid = 6, end = 12
+    assert table.columns == {"1 step": 2, "K: 2 steps": 4, "mid": 6, "end": 12}
+    means = {m: [c.mean for c in row.returns.values()] for m, row in table.rows.items()}
+    assert means["evolved"] == [11.0, 21.0, 31.0, 41.0]  # points at x = 0, 3, 6, 9
+    assert means["ppo"] == [11.0, 13.0, 15.0, 17.0]
+    assert means["maml"] == [15.0, 25.0, 25.0, 27.0]  # x = 2, 4, 4 (6 lies before 8), 12
+    assert table.best == {"1 step": "maml", "K: 2 steps": "maml", "mid": "evolved", "end": "evolved"}
+    # two lifetimes 10 and 12: mean 11, s / sqrt(2) = 1, t_{1, 0.975} = 12.706204736174
+    cell = table.rows["evolved"].returns["1 step"]
+    assert (cell.low, cell.high, cell.n) == pytest.approx((11 - 12.706204736174, 11 + 12.706204736174, 2))
+    assert table.ppo_final == 17.0
+    steps = {m: row.steps_to_ppo_final for m, row in table.rows.items()}
+    assert steps == {"evolved": 3, "ppo": 9, "random_loss": None, "maml": 4}
+    learns = {m: row.learns for m, row in table.rows.items()}
+    # evolved: last CI [28.3, 53.7] above first [-1.7, 23.7]; PPO's last low 4.3 is not above 23.7
+    assert learns == {"evolved": True, "ppo": False, "random_loss": False, "maml": True}
+
+
+def test_steps_to_reach_is_the_first_point_whose_mean_reaches_the_target():
+    curve = LifetimeCurves([0, 10, 20], torch.tensor([[1.0, 5, 3], [1, 3, 9]]))  # means 1, 4, 6
+    assert steps_to_reach(curve, 4.0) == 10  # reached exactly
+    assert steps_to_reach(curve, 4.5) == 20
+    assert steps_to_reach(curve, 0.0) == 0
+    assert steps_to_reach(curve, 6.5) is None
+    assert steps_to_reach(curve, math.nan) is None
+
+
+def test_claim_a_paired_difference_both_ways():
+    claim = compare({"test": hand_curves()}, 12, 2, 0.95).claims[0]
+    # evolved - PPO per lifetime: at x_K = 4 (points x = 3): 20 - 12, 22 - 14 = 8, 8; at mid 6: 16, 16
+    assert claim.claim == "a" and claim.reproduced is True
+    assert [c.mean for c in claim.evidence.values()] == [8.0, 16.0]
+    assert claim.verdict.startswith("reproduced: evolved − PPO at K: 2 steps 8.0 [8.0, 8.0]")
+    claim = compare({"test": hand_curves(ppo_shift=10.0)}, 12, 2, 0.95).claims[0]
+    assert claim.reproduced is False  # at x_K: 8 - 10 = -2 per lifetime
+    assert claim.verdict.startswith("not reproduced: evolved − PPO at K: 2 steps -2.0")
+    without_ppo = {m: c for m, c in hand_curves().items() if m != "ppo"}
+    assert compare({"test": without_ppo}, 12, 2, 0.95).claims[0].reproduced is None
+
+
+def test_claim_b_evolved_keeps_learning_and_maml_adaptation_does_not_both_ways():
+    # MAML adapts: K - 0 steps = 25 - 5 = 20 in both lifetimes, CI above 0: the claim is not reproduced
+    claim = compare({"ood": hand_curves()}, 12, 2, 0.95).claims[0]
+    assert claim.claim == "b" and claim.reproduced is False
+    assert claim.evidence["evolved: end − K steps"].mean == 20.0  # 40 - 20 and 42 - 22
+    assert claim.evidence["MAML: K steps − 0 steps"].mean == 20.0
+    # MAML's adaptation gains +1 and -1: mean 0, CI around 0; evolved keeps learning: reproduced
+    flat = [[5.0, 5, 6, 6, 6], [5, 5, 4, 4, 4]]
+    claim = compare({"ood": hand_curves(flat)}, 12, 2, 0.95).claims[0]
+    assert claim.reproduced is True and claim.evidence["MAML: K steps − 0 steps"].mean == 0.0
+    assert claim.verdict.startswith("reproduced")
+    assert compare({"ood": hand_curves()}, 12, None, 0.95).claims[0].reproduced is None
+    # MAML's first N episodes took more than the budget: theta0's point alone, no 1 / K columns
+    curves = hand_curves()
+    curves["maml"] = LifetimeCurves([0], torch.tensor([[5.0], [5.0]]))
+    comparison = compare({"ood": curves}, 12, 2, 0.95)
+    assert comparison.splits["ood"].columns == {"mid": 6, "end": 12}
+    assert comparison.claims[0].reproduced is None and "did not fit" in comparison.claims[0].verdict
+
+
+def test_epg_curves_sit_at_the_steps_trained_on_and_carry_the_last_finished_episodes_forward():
+    curve = torch.tensor([[math.nan, 2.0], [3.0, math.nan], [math.nan, 4.0]])  # [updates, lifetimes]
+    curves = epg_curves(curve, [32, 64, 96], update_every=32)
+    assert curves.env_steps == [0, 32, 64]
+    assert torch.equal(torch.isnan(curves.returns[0]), torch.tensor([True, False, False]))
+    assert curves.returns[0, 1:].tolist() == [3.0, 3.0] and curves.returns[1].tolist() == [2.0, 2.0, 4.0]
+    assert torch.isnan(curves.at(-1)).all() and curves.at(40).tolist() == [3.0, 2.0]
+    with pytest.raises(ValueError, match="ascend"):
+        LifetimeCurves([0, 2, 1], torch.zeros(1, 3))
+
+
+def test_report_states_the_table_and_both_claims():
+    results = fake_results()
+    results["comparison"] = compare({"test": hand_curves(), "ood": hand_curves()}, 12, 2, 0.95)
+    report = render_report(results)
+    assert "| method | 1 step (2) | K: 2 steps (4) | mid (6) | end (12) |" in report
+    assert "| MAML θ₀ (K inner steps, then PG) | 15.0 [15.0, 15.0] * | 25.0 [25.0, 25.0] * |" in report
+    assert "| 4 | 5.0 [5.0, 5.0] → 27.0 [27.0, 27.0] | yes |" in report
+    assert "**reproduced: evolved − PPO at K: 2 steps 8.0" in report
+    assert "**not reproduced: evolved: end − K steps 20.0" in report
+    assert results["comparison"].to_dict()["splits"]["test"]["rows"]["ppo"]["learns"] is False
+    from pipeline.evaluation.run import _flat_numbers
+
+    names = _flat_numbers({"comparison": results["comparison"].to_dict()})
+    assert "comparison.splits.test.rows.maml.returns.K: 2 steps.mean" in names
+    assert all(re.fullmatch(r"[\w\-. :/]+", name, re.ASCII) for name in names)  # MLflow's metric names
+
+
+def test_evaluate_library_compares_every_method_on_a_tiny_setting(tmp_path):
+    from pipeline.config import EpgEvalConfig
+    from pipeline.envs.tasks import sample_tasks
+    from pipeline.evaluation.adapt_eval import adapting_curves
+    from pipeline.io import torch_save
+    from tests.epg_helpers import TINY_INNER, TINY_NET, tiny_phi
+
+    family = "point_goal"  # 50-step episodes: the post-training episode is short
+    loss = {
+        "family": family,
+        "phi": tiny_phi(family, 1)[0],
+        "inner": {**TINY_INNER.model_dump(), "fitness_episodes": 1},
+        "loss_net": TINY_NET.model_dump(),
+        "input_dim": tiny_phi(family, 1).shape[1],
+    }
+    splits = {split: sample_tasks(family, split, 2, 0) for split in ("test", "ood")}
+    config = EpgEvalConfig(
+        seeds=2,
+        methods=["evolved", "ppo", "maml", "pretrained"],
+        max_tasks_per_split=2,
+        device="cpu",
+        maml_policy=str(tmp_path / "policy.pt"),
+        pretrained_policy=str(tmp_path / "missing.pt"),
+    )
+    evaluation, curves = evaluate_loss_curves(loss, splits, config, seed=0)
+    policies = {"maml": tmp_path / "policy.pt", "pretrained": tmp_path / "missing.pt"}
+    torch_save(policies["maml"], maml_policy_file("random_cartpole"))
+    with pytest.raises(ValueError, match="family 'random_cartpole', the evolved loss's is 'point_goal'"):
+        adapting_curves(policies, family, splits, config, 96, seed=0)
+    torch_save(policies["maml"], maml_policy_file(family))
+    with pytest.raises(FileNotFoundError, match="lists 'pretrained' but .*missing.pt does not exist"):
+        adapting_curves(policies, family, splits, config, 96, seed=0)
+    policies["pretrained"] = policies["maml"]  # the same file: the two must give the same curves
+    adapting, inner_steps = adapting_curves(policies, family, splits, config, 96, seed=0)
+    assert inner_steps == 1
+    curves = {split: {**curves[split], **adapting[split]} for split in curves}
+    comparison = compare(curves, evaluation.env_steps_per_lifetime, inner_steps, 0.95)
+    for split in ("test", "ood"):
+        maml = curves[split]["maml"]
+        assert maml.returns.shape[0] == 4 and maml.env_steps[0] == 0 and maml.env_steps[-1] <= 96
+        assert torch.equal(maml.returns, curves[split]["pretrained"].returns)
+        assert set(curves[split]) == {"evolved", "ppo", "maml", "pretrained"}
+        assert curves[split]["ppo"].env_steps == [0, 32, 64]  # 96 steps, updates every 32
+        assert curves[split]["ppo"].returns.shape == (4, 3)  # 2 seeds x 2 tasks
+        table = comparison.splits[split]
+        assert table.columns == {"K: 1 step": maml.env_steps[1], "mid": 48, "end": 96}
+        assert table.rows["ppo"].returns["end"].mean == pytest.approx(
+            float(curves[split]["ppo"].returns[:, -1].nanmean())
+        )
+    assert [c.claim for c in comparison.claims] == ["a", "b"]
+    assert all(c.reproduced in (True, False) for c in comparison.claims)
+
+
+def maml_policy_file(family: str) -> dict:
+    """A policy file in the maml stage's format, theta0 freshly initialised: 1 inner step, N = 2
+    episodes of at most 20 steps, so K + 1 samplings fit a 96-step budget."""
+    from pipeline.config import MamlConfig
+    from pipeline.maml.learner import init_theta, policy_spec
+
+    config = MamlConfig(family=family, rollouts_per_task=2, horizon=20, inner_steps=1, policy_hidden=[8])
+    spec = policy_spec(family, config)
+    return {
+        "theta": init_theta(spec, 0),
+        "family": family,
+        "obs_dim": spec.obs_dim,
+        "action_dim": spec.action_dim,
+        "discrete": spec.discrete,
+        "maml": config.model_dump(mode="json"),
+    }

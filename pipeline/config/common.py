@@ -26,6 +26,8 @@ EPG_METHODS = {  # method -> its label in the report
     "ppo": "PPO",
     "pg": "vanilla PG (REINFORCE + baseline)",
     "random_loss": "random loss network (floor)",
+    "maml": "MAML θ₀ (K inner steps, then PG)",
+    "pretrained": "pretrained on all training tasks, then PG",
 }
 
 TaskFamily = Literal[TASK_FAMILIES]

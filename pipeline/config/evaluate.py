@@ -23,7 +23,13 @@ class EpgEvalConfig(Frozen):
     """Seeds per task: each method trains one fresh policy per (task, seed) pair."""
     methods: list[EpgMethod] = Field(default=list(EPG_METHODS), min_length=1)
     """Methods compared on the same lifetimes: `evolved`, `ppo`, `pg` (REINFORCE + baseline),
-    `random_loss` (a random loss network, the floor)."""
+    `random_loss` (a random loss network, the floor), `maml` (MAML's θ₀: its K inner steps, then the
+    same policy-gradient steps to the end of the budget) and `pretrained` (one policy trained on all
+    training tasks jointly, then fine-tuned the same way)."""
+    maml_policy: str = "models/maml/policy.pt"
+    """MAML's meta-trained policy (the maml stage's output), read when `methods` lists `maml`."""
+    pretrained_policy: str = "models/maml/pretrained.pt"
+    """The jointly pretrained policy (the maml stage's output), read when `methods` lists `pretrained`."""
     splits: list[HeldOutSplit] = Field(default=list(HELD_OUT_SPLITS), min_length=1)
     """Held-out task splits to evaluate on: `test` (training distribution) and/or `ood`."""
     max_tasks_per_split: PositiveInt = 16

@@ -22,6 +22,7 @@ from ..epg.inner import LossSetting, run_lifetimes
 from ..epg.loss_net import initial_phi
 from ..io import torch_load
 from ..seeding import derived_seed
+from .compare import LifetimeCurves, epg_curves
 from .stats import Interval, mean_ci
 
 log = logging.getLogger(__name__)
@@ -125,17 +126,17 @@ def _evaluate_split(
     tasks: list[dict],
     crn_seed: int,
     device: torch.device,
-) -> dict[str, MethodResult]:
+) -> tuple[dict[str, MethodResult], dict[str, LifetimeCurves]]:
     """Every method on one split's (task, seed) lifetimes, with the same random numbers: the loss
-    networks in one batched call, then PPO and PG."""
+    networks in one batched call, then PPO and PG. Returns the summaries and the per-lifetime curves."""
     lifetimes = evaluation_lifetimes(tasks[: config.max_tasks_per_split], config.seeds)
     settings = {}
     if phis:
         settings[tuple(phis)] = LossSetting("epg", phi=torch.stack(list(phis.values())))
-    for method in ("ppo", "pg"):
+    for method in ("ppo", "pg"):  # maml and pretrained: adapt_eval
         if method in config.methods:
             settings[(method,)] = LossSetting(method, num_members=1)
-    results = {}
+    results, curves = {}, {}
     for names, setting in settings.items():
         log.info("%s: training %d x %d lifetimes with %s", split, len(names), len(lifetimes), list(names))
         result = run_lifetimes(loss["family"], lifetimes, inner, setting, loss_net, crn_seed, device)
@@ -146,7 +147,8 @@ def _evaluate_split(
             results[name] = summarise(
                 result.final_returns[index], result.nonfinite[index], config.confidence, curve
             )
-    return results
+            curves[name] = epg_curves(result.curve[:, index], result.curve_steps, inner.update_every)
+    return results, curves
 
 
 def evaluate_loss(
@@ -156,7 +158,19 @@ def evaluate_loss(
     seed: int,
     extra_losses: dict[str, torch.Tensor] | None = None,
 ) -> EpgEvaluation:
-    """Final returns (with CIs) and learning curves per split and method.
+    """Final returns (with CIs) and learning curves per split and method (see ``evaluate_loss_curves``)."""
+    return evaluate_loss_curves(loss, splits, config, seed, extra_losses)[0]
+
+
+def evaluate_loss_curves(
+    loss: dict,
+    splits: dict[str, list[dict]],
+    config: EpgEvalConfig,
+    seed: int,
+    extra_losses: dict[str, torch.Tensor] | None = None,
+) -> tuple[EpgEvaluation, dict[str, dict[str, LifetimeCurves]]]:
+    """Final returns (with CIs) and learning curves per split and method, and every method's
+    per-lifetime curves per split (``curves[split][method]``, for the comparison with MAML).
 
     ``extra_losses`` adds more loss networks of the same architecture (e.g. the registry champion) to
     the batched call, evaluated on exactly the same lifetimes.
@@ -171,7 +185,7 @@ def evaluate_loss(
     if "random_loss" in config.methods:
         phis["random_loss"] = initial_phi(loss["input_dim"], loss_net, derived_seed(seed, "random_loss"))
     phis.update(extra_losses or {})
-    results = {
+    per_split = {
         split: _evaluate_split(
             loss,
             inner,
@@ -185,12 +199,13 @@ def evaluate_loss(
         )
         for split in config.splits
     }
-    return EpgEvaluation(
+    evaluation = EpgEvaluation(
         family=loss["family"],
         env_steps_per_lifetime=inner.lifetime_steps,
         seeds=config.seeds,
         tasks_per_split={
             split: min(len(splits[split]), config.max_tasks_per_split) for split in config.splits
         },
-        splits=results,
+        splits={split: results for split, (results, _) in per_split.items()},
     )
+    return evaluation, {split: curves for split, (_, curves) in per_split.items()}

@@ -37,35 +37,9 @@ def render_report(results: dict) -> str:
         "",
     ]
     if epg:
-        loss = results.get("loss", {})
-        lines += [
-            "## Evolved loss on held-out and out-of-distribution tasks",
-            "",
-            f"Loss `{loss.get('reference', '–')}` (registry version {loss.get('version', '–')}, family "
-            f"`{epg.family}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
-            f"{_num(loss.get('fitness'))} at generation {loss.get('generation', '–')}). Each method trains "
-            f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair: "
-            f"{epg.seeds} seeds × "
-            f"{', '.join(f'{n} {s}' for s, n in epg.tasks_per_split.items())} tasks. "
-            "Returns are the mean of the post-training episodes; intervals are 95 % Student-t CIs over "
-            "lifetimes.",
-            "",
-        ]
-        rows = []
-        for split, methods in epg.splits.items():
-            for method, summary in methods.items():
-                rows.append(
-                    [
-                        split,
-                        METHOD_LABELS.get(method, method),
-                        _num(summary.mean),
-                        f"[{_num(summary.ci_low)}, {_num(summary.ci_high)}]",
-                        str(summary.lifetimes),
-                        str(summary.nonfinite_lifetimes),
-                    ]
-                )
-        lines += _table(["split", "method", "mean final return", "95 % CI", "lifetimes", "non-finite"], rows)
-        lines.append("")
+        lines += epg_section(epg, results.get("loss", {}))
+    if results.get("comparison"):
+        lines += comparison_section(results["comparison"])
     promotion = results.get("promotion")
     if promotion:
         lines += ["### Registry promotion", "", f"- {promotion['summary']}", ""]
@@ -91,6 +65,92 @@ def render_report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+CLAIMS = {
+    "a": "(a) EPG's evolved loss trains fresh policies faster than PPO on held-out tasks "
+    "(Houthooft et al. 2018).",
+    "b": "(b) Out of distribution, EPG's loss keeps learning where MAML's adaptation does not "
+    "(EPG paper, GoalAnt with the goal behind the agent).",
+}
+
+
+def epg_section(epg, loss: dict) -> list[str]:
+    """The post-training returns of the EPG methods (the loss networks, PPO and PG) per split."""
+    lines = [
+        "## Evolved loss on held-out and out-of-distribution tasks",
+        "",
+        f"Loss `{loss.get('reference', '–')}` (registry version {loss.get('version', '–')}, family "
+        f"`{epg.family}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
+        f"{_num(loss.get('fitness'))} at generation {loss.get('generation', '–')}). Each method trains "
+        f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair: "
+        f"{epg.seeds} seeds × "
+        f"{', '.join(f'{n} {s}' for s, n in epg.tasks_per_split.items())} tasks. "
+        "Returns are the mean of the post-training episodes; intervals are 95 % Student-t CIs over "
+        "lifetimes.",
+        "",
+    ]
+    rows = []
+    for split, methods in epg.splits.items():
+        for method, summary in methods.items():
+            rows.append(
+                [
+                    split,
+                    METHOD_LABELS.get(method, method),
+                    _num(summary.mean),
+                    f"[{_num(summary.ci_low)}, {_num(summary.ci_high)}]",
+                    str(summary.lifetimes),
+                    str(summary.nonfinite_lifetimes),
+                ]
+            )
+    lines += _table(["split", "method", "mean final return", "95 % CI", "lifetimes", "non-finite"], rows)
+    lines.append("")
+    return lines
+
+
+def comparison_section(comparison) -> list[str]:
+    """Per split: return at equal env steps (1 and K adaptation steps' worth, mid, end of the budget),
+    env steps to reach PPO's final return, learns-or-not; then the two claims' verdicts."""
+    level = f"{100 * comparison.confidence:.0f} %"
+    lines = [
+        "## All methods at equal env steps",
+        "",
+        f"Every method trains on the same (seed, task) lifetimes for {comparison.budget} env steps. The "
+        "x-axis counts the env steps a policy had trained on when it produced the measured episodes; a "
+        "method's return at x is its latest curve point at or before x (no interpolation). Columns: "
+        "the env steps MAML had used after 1 and after K inner steps, half the budget, the budget. "
+        f"Cells: mean return [{level} CI] over lifetimes; * marks the best mean of a column. "
+        "'steps to PPO final': the first point whose mean reaches PPO's end-of-budget mean. 'learns': "
+        "the last point's CI lies above the first point's. These are returns of the episodes played "
+        "while training (the learning curves), so they differ from the post-training episodes above. "
+        "MAML and the pretrained policy sample `maml.rollouts_per_task` episodes of at most "
+        "`maml.horizon` steps per point (params below); on cart-pole that caps their returns at the "
+        "horizon.",
+        "",
+    ]
+    for split, table in comparison.splits.items():
+        header = ["method", *(f"{name} ({steps})" for name, steps in table.columns.items())]
+        header += ["steps to PPO final", f"first → last point [{level} CI]", "learns"]
+        rows = [
+            [
+                METHOD_LABELS.get(method, method),
+                *(
+                    _interval(c.mean, c.low, c.high) + (" *" if table.best[name] == method else "")
+                    for name, c in row.returns.items()
+                ),
+                "not reached" if row.steps_to_ppo_final is None else str(row.steps_to_ppo_final),
+                f"{_interval(row.first.mean, row.first.low, row.first.high)} → "
+                f"{_interval(row.last.mean, row.last.low, row.last.high)}",
+                "yes" if row.learns else "no",
+            ]
+            for method, row in table.rows.items()
+        ]
+        lines += [f"**{split} tasks** (PPO's final mean: {_num(table.ppo_final, 1)})", ""]
+        lines += _table(header, rows) + [""]
+    lines += ["### The published claims", ""]
+    for claim in comparison.claims:
+        lines += [f"- {CLAIMS[claim.claim]} Criterion: {claim.criterion}. **{claim.verdict}**."]
+    return lines + [""]
 
 
 def _interval(mean, low, high, digits: int = 1, scale: float = 1.0, unit: str = "") -> str:

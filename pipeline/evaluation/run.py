@@ -11,8 +11,10 @@ from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
 from ..plots import band_plot, bar_plot, line_plot, smooth
+from .adapt_eval import adapting_curves
 from .atari_eval import evaluate_agents
-from .epg_eval import EpgEvaluation, evaluate_loss, load_loss
+from .compare import ADAPTING, Comparison, LifetimeCurves, compare, mean_cells
+from .epg_eval import EpgEvaluation, evaluate_loss_curves, load_loss
 from .promotion import promote_version
 from .report import METHOD_LABELS, VARIANT_LABELS, render_report
 
@@ -108,8 +110,9 @@ def run_evaluate(config: PipelineConfig, paths: EvaluatePaths) -> dict:
         extra = {}
         if champion and champion[0] != version and _compatible(champion[1], loss):
             extra["champion"] = champion[1]["phi"].float()  # same lifetimes: a paired comparison
-        epg = evaluate_loss(loss, splits, cfg.epg, config.seed, extra)
+        epg, curves = evaluate_loss_curves(loss, splits, cfg.epg, config.seed, extra)
         results["epg"] = epg
+        results["comparison"], results["curves"] = compare_methods(epg, curves, splits, config, paths)
         results["loss"] = {
             "reference": cfg.epg.loss,
             "version": version,
@@ -141,6 +144,34 @@ def run_evaluate(config: PipelineConfig, paths: EvaluatePaths) -> dict:
         run.log_artifact(paths.plots_dir / "evaluate", artifact_path="plots")
         log.info("report: %s", report)
         return metrics
+
+
+def compare_methods(
+    epg: EpgEvaluation,
+    curves: dict[str, dict[str, LifetimeCurves]],
+    splits: dict[str, list[dict]],
+    config: PipelineConfig,
+    paths: EvaluatePaths,
+) -> tuple[Comparison, dict[str, dict[str, LifetimeCurves]]]:
+    """Adds MAML's and the pretrained policy's curves (when listed) to the EPG methods' and compares
+    them all at equal env steps (``compare``)."""
+    cfg, inner_steps = config.evaluate.epg, None
+    if any(method in cfg.methods for method in ADAPTING):
+        policies = {
+            "maml": paths.root / cfg.maml_policy,
+            "pretrained": paths.root / cfg.pretrained_policy,
+        }
+        adapting, inner_steps = adapting_curves(
+            policies, epg.family, splits, cfg, epg.env_steps_per_lifetime, config.seed
+        )
+        curves = {split: {**curves[split], **adapting[split]} for split in curves}
+    order = list(METHOD_LABELS)
+    curves = {
+        split: dict(sorted(methods.items(), key=lambda kv: order.index(kv[0])))
+        for split, methods in curves.items()
+    }
+    comparison = compare(curves, epg.env_steps_per_lifetime, inner_steps, cfg.confidence)
+    return comparison, curves
 
 
 def _compatible(a: dict, b: dict) -> bool:
@@ -211,29 +242,10 @@ def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
     """CSV series for DVC plots and PNGs for the report (offline: no CDN needed)."""
     figures: dict[str, Path] = {}
     plots, reports = paths.plots_dir / "evaluate", paths.reports_dir
-    epg: EpgEvaluation = results["epg"]
-    for split, methods in epg.splits.items():
-        steps = [point.env_steps for point in next(iter(methods.values())).curve]
-        rows = [{"env_steps": s} for s in steps]
-        for method, summary in methods.items():
-            for row, point in zip(rows, summary.curve, strict=True):
-                row.update(
-                    {f"{method}_mean": point.mean, f"{method}_low": point.low, f"{method}_high": point.high}
-                )
-        write_csv(plots / f"curves_{split}.csv", rows)
-        figures[f"Learning curves, {split} tasks"] = line_plot(
-            reports / f"curves_{split}.png",
-            {
-                METHOD_LABELS.get(m, m): ([p.env_steps for p in s.curve], [p.mean for p in s.curve])
-                for m, s in methods.items()
-            },
-            bands={
-                METHOD_LABELS.get(m, m): ([p.low for p in s.curve], [p.high for p in s.curve])
-                for m, s in methods.items()
-            },
-            xlabel="env steps in the lifetime",
-            ylabel="episode return",
-            title=f"{epg.family}: training fresh policies ({split} tasks)",
+    comparison: Comparison = results["comparison"]
+    for split, methods in results["curves"].items():
+        figures[f"Return vs env steps, {split} tasks"] = curve_plots(
+            methods, comparison.confidence, results["epg"].family, split, plots, reports
         )
     fitness_csv = paths.plots_dir / "evolve/fitness.csv"
     if fitness_csv.exists():
@@ -252,6 +264,34 @@ def write_plots(results: dict, paths: EvaluatePaths) -> dict[str, Path]:
     if results.get("atari"):
         figures.update(write_atari_plots(results["atari"], paths))
     return figures
+
+
+def curve_plots(
+    curves: dict[str, LifetimeCurves], confidence: float, family: str, split: str, plots: Path, reports: Path
+) -> Path:
+    """One split's curves of every method: a CSV on the union of their env-step points (each method's
+    value at its latest point at or before) and a figure with CI bands at each method's own points."""
+    cells = {method: mean_cells(curve, confidence) for method, curve in curves.items()}
+    steps = sorted({s for curve in curves.values() for s in curve.env_steps})
+    rows = []
+    for step in steps:
+        row: dict = {"env_steps": step}
+        for method, curve in curves.items():
+            index = curve.index_at(step)
+            cell = cells[method][index] if index is not None else None
+            for key in ("mean", "low", "high"):
+                row[f"{method}_{key}"] = getattr(cell, key) if cell else ""
+        rows.append(row)
+    write_csv(plots / f"curves_{split}.csv", rows)
+    label = lambda method: METHOD_LABELS.get(method, method)  # noqa: E731
+    return line_plot(
+        reports / f"curves_{split}.png",
+        {label(m): (c.env_steps, [x.mean for x in cells[m]]) for m, c in curves.items()},
+        bands={label(m): ([x.low for x in cells[m]], [x.high for x in cells[m]]) for m in curves},
+        xlabel="env steps trained on (per lifetime)",
+        ylabel=f"episode return, mean and {100 * confidence:.0f} % CI over lifetimes",
+        title=f"{family}: return vs env steps ({split} tasks)",
+    )
 
 
 def write_atari_plots(atari: dict, paths: EvaluatePaths) -> dict[str, Path]:
@@ -332,6 +372,8 @@ def summary_metrics(results: dict, run_id: str) -> dict:
             }
             for method, summary in methods.items()
         }
+    if "comparison" in results:
+        metrics["comparison"] = results["comparison"].to_dict()
     atari = results.get("atari")
     if atari:
         keys = ("mean_score", "ci_low", "ci_high", "hns", "hns_ci_low", "hns_ci_high", "num_seeds")
