@@ -445,7 +445,7 @@ def test_committed_params_reference_is_up_to_date():
 # [0, 1, 2], two concurrent cells and 30 evaluation episodes; both changed when MAML moved to EPG's
 # task family (random_cartpole in params.yaml, random_hopper in paper) and evaluate compared MAML with EPG.
 # A changed hash means a profile changed: say why.
-PROFILE_HASHES = {"paper": "422bfab96db6642d", "learn": "3899915ac7fc3d39"}
+PROFILE_HASHES = {"paper": "422bfab96db6642d", "learn": "3899915ac7fc3d39", "compare": "11fade10e215af51"}
 
 
 @pytest.mark.parametrize("name", sorted(PROFILE_HASHES))
