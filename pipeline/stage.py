@@ -116,19 +116,44 @@ def remember_run(checkpoint_dir: Path, section_hash: str, run_id: str) -> None:
     write_json(Path(checkpoint_dir) / RUN_STATE_FILE, {"params_hash": section_hash, "mlflow_run_id": run_id})
 
 
-def code_fingerprint() -> str:
-    """Hash of the library and stage sources: checkpoints are only resumed by the code that wrote them."""
-    package = Path(__file__).resolve().parent
+# The sources (under pipeline/) whose code decides a checkpointing stage's numbers. A checkpoint is resumed
+# only by the same sources: a change elsewhere (reports, the CLI, another method, orchestration) keeps a
+# long run's checkpoints, so a 10 M-frame cell survives unrelated commits between sittings.
+STAGE_SOURCES = {
+    "evolve": ("epg", "rl", "envs/tasks.py", "envs/batched.py", "envs/hopper.py", "seeding.py"),
+    "maml": ("maml", "rl", "envs/tasks.py", "envs/batched.py", "envs/hopper.py", "seeding.py"),
+    "metagrad": (
+        "metagrad/learner.py",
+        "metagrad/optim.py",
+        "metagrad/train.py",
+        "rl",
+        "nets",
+        "envs/atari.py",
+        "seeding.py",
+    ),
+}
+
+
+def code_fingerprint(stage: str, package: Path | None = None) -> str:
+    """Hash of the sources that decide ``stage``'s numbers (``STAGE_SOURCES``) in ``package`` (default:
+    this package)."""
+    if stage not in STAGE_SOURCES:
+        raise ValueError(
+            f"no source list for stage {stage!r}; stages that checkpoint: {', '.join(STAGE_SOURCES)}"
+        )
+    package = package or Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted([*package.rglob("*.py"), *(package.parent / "stages").glob("*.py")]):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+    for source in STAGE_SOURCES[stage]:
+        path = package / source
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(package).as_posix().encode())
+            digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def checkpoint_key(section_hash: str) -> str:
-    """What a checkpoint must match to be resumed: the stage's params and the code."""
-    return f"{section_hash}-{code_fingerprint()}"
+def checkpoint_key(stage: str, section_hash: str) -> str:
+    """What a checkpoint must match to be resumed: the stage's params and the code of its computation."""
+    return f"{section_hash}-{code_fingerprint(stage)}"
 
 
 @contextmanager
@@ -141,7 +166,7 @@ def resumable_stage_run(
 
     section = section_dict(config, stage)
     section_hash = params_hash(section)
-    resume_key = checkpoint_key(section_hash)
+    resume_key = checkpoint_key(stage, section_hash)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     with StageRun(
         stage,

@@ -19,9 +19,10 @@ import yaml
 from epg_helpers import evolve_config
 from test_metagrad_training import ROOT, run_stage
 
+from pipeline import stage as stage_module
 from pipeline.config import PipelineConfig
 from pipeline.io import read_json, torch_load, write_json
-from pipeline.stage import Checkpointer, stopping_on_signals
+from pipeline.stage import STAGE_SOURCES, Checkpointer, code_fingerprint, stopping_on_signals
 
 SIGKILL_STATUS, SIGTERM_STATUS = -9, 143  # subprocess reports death by a signal as -signum
 
@@ -338,3 +339,27 @@ def test_loss_file_is_the_same_for_the_same_phi_under_another_commit(tmp_path, m
         )
         assert version.tags["git_commit"] == commit
     assert losses[0] == losses[1]
+
+
+def test_checkpoints_are_keyed_by_the_code_of_the_stages_computation_only(tmp_path):
+    """A change to a stage's computation invalidates its checkpoints; a change elsewhere keeps them."""
+    package = Path(stage_module.__file__).resolve().parent
+    for stage, sources in STAGE_SOURCES.items():
+        missing = [source for source in sources if not (package / source).exists()]
+        assert not missing, f"STAGE_SOURCES[{stage!r}] names missing sources {missing}"
+    copy = tmp_path / "pipeline"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {stage: code_fingerprint(stage, copy) for stage in STAGE_SOURCES}
+    assert before == {stage: code_fingerprint(stage) for stage in STAGE_SOURCES}
+    assert len(set(before.values())) == len(before)
+
+    (copy / "evaluation/report.py").write_text("# a report change\n", encoding="utf-8")
+    (copy / "metagrad/grid.py").write_text("# orchestration\n", encoding="utf-8")
+    assert {stage: code_fingerprint(stage, copy) for stage in STAGE_SOURCES} == before
+
+    with (copy / "rl/returns.py").open("a", encoding="utf-8") as file:
+        file.write("\n# a change to the shared returns\n")
+    after = {stage: code_fingerprint(stage, copy) for stage in STAGE_SOURCES}
+    assert all(after[stage] != before[stage] for stage in STAGE_SOURCES)
+    with pytest.raises(ValueError, match="no source list for stage 'prepare'"):
+        code_fingerprint("prepare")

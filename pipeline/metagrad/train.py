@@ -119,7 +119,12 @@ def train_variant(
     ``AtariStepper.state``): a resumed run is bit for bit the uninterrupted one."""
     device = resolve_device(config.device, "metagrad.device")
     key = params_hash(
-        {"metagrad": config.model_dump(mode="json"), "seed": seed, "game": game, "code": code_fingerprint()}
+        {
+            "metagrad": config.model_dump(mode="json"),
+            "seed": seed,
+            "game": game,
+            "code": code_fingerprint("metagrad"),
+        }
     )
     checkpointer = Checkpointer(checkpoint_path, key)
     torch.manual_seed(seed)
