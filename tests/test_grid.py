@@ -33,13 +33,8 @@ from pipeline.seeding import variant_seed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Serial cells run with the torch threads of a Ray cell (cpus_per_cell = 1): same bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Serial cells run with the torch threads of a Ray cell (cpus_per_cell = 1): same bits.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_params(path: Path, metagrad: dict, seed: int = 0, drop: tuple[str, ...] = ()) -> Path:

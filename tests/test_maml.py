@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import killed_at_call, stage_project
 
 from pipeline.config import MamlConfig, PipelineConfig
 from pipeline.envs.tasks import make_env, sample_tasks
@@ -36,13 +37,7 @@ TINY = MamlConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """As the stage runs (maml.threads = 1); restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as the stage runs (maml.threads = 1)
 
 
 def double_theta(spec: pol.PolicySpec, seed: int = 0, scale: float = 0.5) -> dict:
@@ -323,14 +318,11 @@ def tiny_pipeline_config(**maml) -> PipelineConfig:
 def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from pipeline.io import read_json, torch_load, write_json
+    from pipeline.io import read_json, torch_load
     from pipeline.maml.run import run_maml
-    from pipeline.prepare import task_splits
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
     config = tiny_pipeline_config()
-    tasks = write_json(tmp_path / "tasks.json", task_splits(config.prepare, config.seed))
+    tasks = stage_project(tmp_path, monkeypatch, config)
 
     def maml_into(folder):
         return run_maml(
@@ -338,19 +330,8 @@ def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path,
         )
 
     uninterrupted = maml_into(tmp_path / "a")
-    original_step, calls = MamlLearner.step, {"n": 0}
-
-    def killed_at_iteration_three(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated kill")
-        return original_step(self)
-
-    monkeypatch.setattr(MamlLearner, "step", killed_at_iteration_three)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        maml_into(tmp_path / "b")
+    killed_at_call(monkeypatch, MamlLearner, "step", 3, lambda: maml_into(tmp_path / "b"))  # iteration 3
     killed_run = read_json(tmp_path / "b/ckpt/run.json")["mlflow_run_id"]
-    monkeypatch.setattr(MamlLearner, "step", original_step)
     resumed = maml_into(tmp_path / "b")
 
     a, b = torch_load(tmp_path / "a/policy.pt"), torch_load(tmp_path / "b/policy.pt")
