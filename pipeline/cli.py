@@ -229,17 +229,17 @@ def cmd_score(args) -> int:
         return _fail(problem)
     config = AtariEvalConfig(episodes=args.episodes)
     results = evaluate_agents(agents, table, config, args.seed, args.confidence)
-    for game, variants in results["games"].items():
+    for game, variants in results.games.items():
         for variant, row in variants.items():
-            for seed, r in row["seeds"].items():
+            for seed, r in row.seeds.items():
                 print(
-                    f"{game}/{variant}/seed{seed}: mean raw score {r['mean_score']:.2f} "
-                    f"({args.confidence:.0%} CI {r['ci_low']:.2f} to {r['ci_high']:.2f}) over "
-                    f"{len(r['scores'])} no-op-start episodes, human-normalised {100 * r['hns']:.1f} %, "
-                    f"trained {r['train_frames']} frames, gamma {r['gamma']:.5f}, lambda {r['lambda']:.5f}"
+                    f"{game}/{variant}/seed{seed}: mean raw score {r.mean_score:.2f} "
+                    f"({args.confidence:.0%} CI {r.ci_low:.2f} to {r.ci_high:.2f}) over "
+                    f"{len(r.scores)} no-op-start episodes, human-normalised {100 * r.hns:.1f} %, "
+                    f"trained {r.train_frames} frames, gamma {r.gamma:.5f}, lambda {r.lambda_:.5f}"
                 )
     if args.out:
-        print(write_json(Path(args.out), {**results, "models": str(models), "seed": args.seed}))
+        print(write_json(Path(args.out), {**results.to_dict(), "models": str(models), "seed": args.seed}))
     return 0
 
 
