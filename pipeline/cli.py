@@ -246,21 +246,22 @@ def cmd_score(args) -> int:
         return _fail(problem)
     config = AtariEvalConfig(episodes=args.episodes)
     results = evaluate_agents(agents, table, config, args.seed, args.confidence)
-    for game, variants in results["games"].items():
+    for game, variants in results.games.items():
         for variant, row in variants.items():
-            for seed, r in row["seeds"].items():
+            for seed, r in row.seeds.items():
                 print(
-                    f"{game}/{variant}/seed{seed}: mean raw score {r['mean_score']:.2f} "
-                    f"({args.confidence:.0%} CI {r['ci_low']:.2f} to {r['ci_high']:.2f}) over "
-                    f"{len(r['scores'])} no-op-start episodes, human-normalised {100 * r['hns']:.1f} %, "
-                    f"trained {r['train_frames']} frames, gamma {r['gamma']:.5f}, lambda {r['lambda']:.5f}"
+                    f"{game}/{variant}/seed{seed}: mean raw score {r.mean_score:.2f} "
+                    f"({args.confidence:.0%} CI {r.ci_low:.2f} to {r.ci_high:.2f}) over "
+                    f"{len(r.scores)} no-op-start episodes, human-normalised {100 * r.hns:.1f} %, "
+                    f"trained {r.train_frames} frames, gamma {r.gamma:.5f}, lambda {r.lambda_:.5f}"
                 )
     if args.out:
-        print(write_json(Path(args.out), {**results, "models": str(models), "seed": args.seed}))
+        print(write_json(Path(args.out), {**results.to_dict(), "models": str(models), "seed": args.seed}))
     if args.seeds_json:
-        if len(results["games"]) != 1:
-            return _fail(f"--seeds-json takes agents of one game; {models} has {', '.join(results['games'])}")
-        print(write_json(Path(args.seeds_json), per_seed_scores(next(iter(results["games"].values())))))
+        if len(results.games) != 1:
+            return _fail(f"--seeds-json takes agents of one game; {models} has {', '.join(results.games)}")
+        game_rows = next(iter(results.to_dict()["games"].values()))
+        print(write_json(Path(args.seeds_json), per_seed_scores(game_rows)))
     return 0
 
 

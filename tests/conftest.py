@@ -1,6 +1,13 @@
-"""Settings of the whole test process, made before any test module imports Ray."""
+"""Settings of the whole test process (made before any test module imports Ray) and fixtures shared by
+several test modules."""
+
+from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
+import torch
 
 # Every Ray the suite starts (local ``ray.init()`` or the loopback cluster of test_grid) is a
 # throwaway one on this machine: no token authentication, for the whole process and not per test.
@@ -11,3 +18,23 @@ import os
 # "all references to the actor were removed", REF_DELETED): the two-node grid tests failed whenever
 # test_epg's local Ray ran before them in the same pytest process.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its tables created (creating them takes seconds; copying does not)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread, as the stages' cells and MAML run (same bits as theirs); restored afterwards
+    for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_python, store_env
 
 from pipeline.config import ale_games, load_params
 
@@ -23,21 +22,7 @@ PAYLOADS = {"1": b"first evolved loss", "2": b"second evolved loss"}
 def cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
     scratch = folder / "scratch"  # export leaves a downloaded copy in a temp folder
     scratch.mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
-        "DVC_NO_ANALYTICS": "1",
-        "TMPDIR": str(scratch),
-    }
-    env.pop("DVC_ROOT", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python(["-m", "pipeline", *args], folder, store_env(folder, TMPDIR=str(scratch)), timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from epg_helpers import TINY_INNER, TINY_NET, evolve_config, tiny_phi
 from evotorch import Problem
+from helpers import killed_at_call, stage_project
 from torch.func import vmap
 
 from pipeline.config import EvolveConfig, InnerLoopConfig, LossNetConfig
@@ -425,13 +426,10 @@ def tiny_pipeline_config(generations: int = 4):
 
 def test_killed_evolve_resumes_to_the_same_phi_in_the_same_mlflow_run(tmp_path, monkeypatch):
     from pipeline.epg.evolve import run_evolve
-    from pipeline.io import read_json, torch_load, write_json
-    from pipeline.prepare import task_splits
+    from pipeline.io import read_json, torch_load
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
     config = tiny_pipeline_config()
-    tasks = write_json(tmp_path / "tasks.json", task_splits(config.prepare, config.seed))
+    tasks = stage_project(tmp_path, monkeypatch, config)
 
     def evolve_into(folder):
         return run_evolve(
@@ -444,20 +442,8 @@ def test_killed_evolve_resumes_to_the_same_phi_in_the_same_mlflow_run(tmp_path, 
         )
 
     uninterrupted = evolve_into(tmp_path / "a")
-
-    original_step, calls = OpenAIES.step, {"n": 0}
-
-    def killed_at_generation_three(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated kill")
-        return original_step(self)
-
-    monkeypatch.setattr(OpenAIES, "step", killed_at_generation_three)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        evolve_into(tmp_path / "b")
+    killed_at_call(monkeypatch, OpenAIES, "step", 3, lambda: evolve_into(tmp_path / "b"))  # generation 3
     killed_run = read_json(tmp_path / "b/checkpoints/run.json")["mlflow_run_id"]
-    monkeypatch.setattr(OpenAIES, "step", original_step)
     resumed = evolve_into(tmp_path / "b")
 
     assert torch.equal(torch_load(tmp_path / "a/loss.pt")["phi"], torch_load(tmp_path / "b/loss.pt")["phi"])

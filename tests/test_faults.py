@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_python
 
 from pipeline import cli, retry, tracking
 from pipeline.errors import ServiceUnavailable, TrackingUnavailable
@@ -37,15 +38,6 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
 
 
 @pytest.fixture
@@ -187,14 +179,7 @@ def test_cli_against_an_unreachable_server_fails_in_one_line(tmp_path):
     uri = f"http://127.0.0.1:{closed_port()}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, retry.CONNECT_ENV: "1", "PYTHONPATH": str(PROJECT)}
     for args in (["losses", "list"], ["models", "list"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "pipeline", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
+        result = run_python(["-m", "pipeline", *args], tmp_path, env, timeout=90)
         assert result.returncode == 69, result.stderr
         assert result.stdout == ""
         line = one_line(result.stderr)

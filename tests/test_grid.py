@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 from pipeline.config import ConfigError, MetagradConfig, load_params
-from pipeline.evaluation.atari_eval import paired_difference, summarize_seeds
+from pipeline.evaluation.atari_eval import AgentScore, paired_difference, summarize_seeds
 from pipeline.evaluation.run import discover_agents
 from pipeline.io import torch_load
 from pipeline.metagrad import grid
@@ -33,13 +34,8 @@ from pipeline.seeding import variant_seed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Serial cells run with the torch threads of a Ray cell (cpus_per_cell = 1): same bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Serial cells run with the torch threads of a Ray cell (cpus_per_cell = 1): same bits.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_params(path: Path, metagrad: dict, seed: int = 0, drop: tuple[str, ...] = ()) -> Path:
@@ -242,31 +238,67 @@ def test_cells_are_child_runs_of_the_stage_run_and_a_resumed_cell_continues_its_
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def cell_scores(mean: float, hns: float) -> dict:
-    return {
-        "mean_score": mean,
-        "hns": hns,
-        "scores": [mean] * 3,
-        "train_frames": 100,
-        "gamma": 0.99,
-        "lambda": 1.0,
-    }
+def cell_scores(mean: float, hns: float) -> AgentScore:
+    return AgentScore(
+        mean_score=mean,
+        ci_low=mean - 1,
+        ci_high=mean + 1,
+        hns=hns,
+        train_frames=100,
+        gamma=0.99,
+        lambda_=1.0,
+        scores=[mean] * 3,
+        noops=[1, 2, 3],
+        lengths=[50] * 3,
+    )
 
 
 def test_seed_summary_and_paired_difference_on_known_numbers():
     baseline = summarize_seeds({1: cell_scores(-20.0, 0.02), 0: cell_scores(-21.0, 0.0)}, 0.95)
-    assert list(baseline["seeds"]) == ["0", "1"]
-    assert baseline["mean_score"] == pytest.approx(-20.5)
+    assert list(baseline.seeds) == ["0", "1"]
+    assert baseline.mean_score == pytest.approx(-20.5)
     # t_{0.975, 1} = 12.706; s = 0.7071; half width = 12.706 * 0.7071 / sqrt(2) = 6.353
-    assert (baseline["ci_low"], baseline["ci_high"]) == pytest.approx((-26.853, -14.147), abs=1e-3)
-    assert baseline["hns"] == pytest.approx(0.01) and baseline["num_seeds"] == 2
+    assert (baseline.ci_low, baseline.ci_high) == pytest.approx((-26.853, -14.147), abs=1e-3)
+    assert baseline.hns == pytest.approx(0.01) and baseline.num_seeds == 2
     learned = summarize_seeds(
         {0: cell_scores(-18.0, 0.08), 1: cell_scores(-16.0, 0.1), 2: cell_scores(0, 0)}, 0.95
     )
-    diff = paired_difference(learned["seeds"], baseline["seeds"], 0.95)
-    assert diff["per_seed"] == {"0": 3.0, "1": 4.0} and diff["seeds"] == 2  # seed 2 has no baseline
-    assert diff["mean"] == pytest.approx(3.5)
-    assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((3.5 - 6.353, 3.5 + 6.353), abs=1e-3)
+    diff = paired_difference(learned.seeds, baseline.seeds, 0.95)
+    assert diff.per_seed == {"0": 3.0, "1": 4.0} and diff.seeds == 2  # seed 2 has no baseline
+    assert diff.mean == pytest.approx(3.5)
+    assert (diff.ci_low, diff.ci_high) == pytest.approx((3.5 - 6.353, 3.5 + 6.353), abs=1e-3)
+
+
+def test_atari_results_are_typed_and_serialise_to_the_former_layout():
+    """The JSON of ``score --out`` and the report's input keep their keys, in their order."""
+    baseline = summarize_seeds({0: cell_scores(-21.0, 0.0), 1: cell_scores(-20.0, 0.02)}, 0.95)
+    learned = summarize_seeds({0: cell_scores(-18.0, 0.08), 1: cell_scores(-16.0, 0.1)}, 0.95)
+    learned = replace(learned, diff_vs_impala=paired_difference(learned.seeds, baseline.seeds, 0.95))
+    cell = learned.seeds["1"].to_dict()
+    assert list(cell) == [
+        *("mean_score", "ci_low", "ci_high", "hns", "train_frames", "gamma", "lambda"),
+        *("scores", "noops", "lengths"),
+    ]
+    assert cell["lambda"] == 1.0 and cell["scores"] == [-16.0] * 3
+    row = learned.to_dict()
+    assert list(row) == [
+        *("mean_score", "ci_low", "ci_high", "hns", "hns_ci_low", "hns_ci_high", "num_seeds", "episodes"),
+        *("train_frames", "gamma", "lambda", "seeds", "diff_vs_impala"),
+    ]
+    assert row["seeds"]["1"] == cell and row["episodes"] == 6
+    assert row["diff_vs_impala"] == {
+        "mean": 3.5,
+        "ci_low": learned.diff_vs_impala.ci_low,
+        "ci_high": learned.diff_vs_impala.ci_high,
+        "seeds": 2,
+        "per_seed": {"0": 3.0, "1": 4.0},
+    }
+    assert "diff_vs_impala" not in baseline.to_dict()  # the baseline has no difference with itself
+    assert list(learned.metrics()) == [
+        *("mean_score", "ci_low", "ci_high", "hns", "hns_ci_low", "hns_ci_high", "num_seeds"),
+        "diff_vs_impala",
+    ]
+    assert list(learned.metrics()["diff_vs_impala"]) == ["mean", "ci_low", "ci_high"]
 
 
 def test_agents_are_discovered_per_game_variant_and_seed(tmp_path):
@@ -305,19 +337,19 @@ def test_evaluate_scores_every_cell_and_plots_a_band_per_variant(serial_grid, tm
     write_curves(histories, paths.plots_dir / "metagrad")
     config = AtariEvalConfig(episodes=2, max_episode_frames=400)
     atari = evaluate_agents(discover_agents(paths.metagrad_models), atari_score_table(), config, 0, 0.95)
-    pong = atari["games"]["pong"]
+    pong = atari.games["pong"]
     assert list(pong) == ["impala", "gamma_lambda"]
     for row in pong.values():
-        per_seed = [cell["mean_score"] for cell in row["seeds"].values()]
-        assert list(row["seeds"]) == ["0", "1"] and row["num_seeds"] == 2
-        assert row["mean_score"] == pytest.approx(sum(per_seed) / 2)
-        assert row["ci_low"] <= row["mean_score"] <= row["ci_high"]
-        assert row["hns"] == pytest.approx((row["mean_score"] + 20.7) / (14.6 + 20.7))
-    diff = pong["gamma_lambda"]["diff_vs_impala"]
-    assert diff["mean"] == pytest.approx(pong["gamma_lambda"]["mean_score"] - pong["impala"]["mean_score"])
-    assert atari["hns"]["gamma_lambda"]["median"] == pytest.approx(pong["gamma_lambda"]["hns"])
+        per_seed = [cell.mean_score for cell in row.seeds.values()]
+        assert list(row.seeds) == ["0", "1"] and row.num_seeds == 2
+        assert row.mean_score == pytest.approx(sum(per_seed) / 2)
+        assert row.ci_low <= row.mean_score <= row.ci_high
+        assert row.hns == pytest.approx((row.mean_score + 20.7) / (14.6 + 20.7))
+    diff = pong["gamma_lambda"].diff_vs_impala
+    assert diff.mean == pytest.approx(pong["gamma_lambda"].mean_score - pong["impala"].mean_score)
+    assert atari.hns["gamma_lambda"]["median"] == pytest.approx(pong["gamma_lambda"].hns)
     metrics = summary_metrics({"epg": SimpleNamespace(splits={}), "atari": atari, "promotion": {}}, "run")
-    assert metrics["atari"]["pong"]["gamma_lambda"]["diff_vs_impala"]["mean"] == diff["mean"]
+    assert metrics["atari"]["pong"]["gamma_lambda"]["diff_vs_impala"]["mean"] == diff.mean
     figures = write_atari_plots(atari, paths)
     assert set(figures) == {
         "Human-normalised score per game and variant",

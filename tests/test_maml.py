@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import killed_at_call, stage_project
 
 from pipeline.config import EPG_METHODS, MamlConfig, PipelineConfig
 from pipeline.envs.tasks import make_env, sample_tasks
@@ -36,13 +37,7 @@ TINY = MamlConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """As the stage runs (maml.threads = 1); restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as the stage runs (maml.threads = 1)
 
 
 def double_theta(spec: pol.PolicySpec, seed: int = 0, scale: float = 0.5) -> dict:
@@ -325,14 +320,11 @@ def tiny_pipeline_config(**maml) -> PipelineConfig:
 def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from pipeline.io import read_json, torch_load, write_json
+    from pipeline.io import read_json, torch_load
     from pipeline.maml.run import run_maml
-    from pipeline.prepare import task_splits
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
     config = tiny_pipeline_config()
-    tasks = write_json(tmp_path / "tasks.json", task_splits(config.prepare, config.seed))
+    tasks = stage_project(tmp_path, monkeypatch, config)
 
     def maml_into(folder):
         return run_maml(
@@ -346,19 +338,10 @@ def test_killed_maml_resumes_to_the_same_policy_in_the_same_mlflow_run(tmp_path,
         )
 
     uninterrupted = maml_into(tmp_path / "a")
-    original_step, calls = MamlLearner.step, {"n": 0}
-
-    def killed_in_iteration_three(self):  # MAML's step, then the baseline's, in every iteration
-        calls["n"] += 1
-        if calls["n"] == 6:  # the baseline's step of iteration 3, after the checkpoint of iteration 2
-            raise RuntimeError("simulated kill")
-        return original_step(self)
-
-    monkeypatch.setattr(MamlLearner, "step", killed_in_iteration_three)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        maml_into(tmp_path / "b")
+    # MAML's step, then the baseline's, in every iteration: call 6 is the baseline's step of iteration 3,
+    # after the checkpoint of iteration 2
+    killed_at_call(monkeypatch, MamlLearner, "step", 6, lambda: maml_into(tmp_path / "b"))
     killed_run = read_json(tmp_path / "b/ckpt/run.json")["mlflow_run_id"]
-    monkeypatch.setattr(MamlLearner, "step", original_step)
     resumed = maml_into(tmp_path / "b")
 
     for policy in ("policy.pt", "pretrained.pt"):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_python, store_env
 
 from pipeline.envs.tasks import sample_tasks
 
@@ -45,21 +44,9 @@ def run_stage(folder: Path, params: dict) -> subprocess.CompletedProcess:
     (folder / "dvc.yaml").touch()
     params_file = folder / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
-        "DVC_NO_ANALYTICS": "1",
-        "PIPELINE_RUN_ID": "test-prepare",
-    }
-    env.pop("DVC_ROOT", None)
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--params", str(params_file), "--output-root", "out"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = store_env(folder, PIPELINE_RUN_ID="test-prepare")
+    args = [str(SCRIPT), "--params", str(params_file), "--output-root", "out"]
+    return run_python(args, folder, env, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -39,16 +39,6 @@ def _isolate(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # download_loss's mkdtemp
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite database with its tables created (creating them takes seconds; copying does not)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch, empty_db):
     """A fresh SQLite store named by MLFLOW_TRACKING_URI; yields an MlflowClient on it."""

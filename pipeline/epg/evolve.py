@@ -105,40 +105,61 @@ def run_evolve(
             if problem.actors:
                 problem.kill_actors()
 
-        loss = {
-            "format_version": LOSS_FORMAT_VERSION,
-            "phi": best["phi"],
-            **spec,
-            "generation": best["generation"],
-            "fitness": best["fitness"],
-            "final_center": searcher.center.clone(),
-            "params_hash": section_hash,
-            "seed": config.seed,
-        }  # content only (same phi and config, same bytes); the commit goes to the registry and the run
-        torch_save(loss_path, loss)
-        fitness_csv = write_csv(plots_dir / "fitness.csv", history, fieldnames=FITNESS_COLUMNS)
-        fitness_png = plot_fitness(history, plots_dir / "fitness.png")
-        for path in (loss_path, fitness_csv, fitness_png):
-            run.log_artifact(path, artifact_path="evolve")
+        write_evolve_outputs(config, run, spec, history, best, searcher.center, loss_path, plots_dir)
         version = register_evolved_loss(config, run, loss_path, best, section_hash)
         log.info("registered %s version %s (alias candidate)", config.tracking.registered_model, version)
-        last = history[-1] if history else {}
-        metrics = {
-            "family": evolve.family,
-            "generations": len(history),
-            "best_center_fitness": best["fitness"],
-            "best_generation": best["generation"],
-            "first_center_fitness": history[0]["center"] if history else None,
-            "last_center_fitness": last.get("center"),
-            "last_mean_fitness": last.get("mean"),
-            "nonfinite_members": sum(row["nonfinite"] for row in history),
-            "env_steps_per_second": sum(r["env_steps_per_second"] for r in history) / max(1, len(history)),
-            "registered_model": config.tracking.registered_model,
-            "registered_version": version,
-            "mlflow_run_id": run.run_id,
-        }
+        metrics = evolve_metrics(config, history, best, version, run.run_id)
         write_json(metrics_path, metrics)
         return metrics
+
+
+def write_evolve_outputs(
+    config: PipelineConfig,
+    run,
+    spec: dict,
+    history: list[dict],
+    best: dict,
+    final_center: torch.Tensor,
+    loss_path: Path,
+    plots_dir: Path,
+) -> None:
+    """The exported loss (the best center) and the fitness curve, written and attached to the run."""
+    loss = {
+        "format_version": LOSS_FORMAT_VERSION,
+        "phi": best["phi"],
+        **spec,
+        "generation": best["generation"],
+        "fitness": best["fitness"],
+        "final_center": final_center.clone(),
+        "params_hash": params_hash(section_dict(config, "evolve")),
+        "seed": config.seed,
+    }  # content only (same phi and config, same bytes); the commit goes to the registry and the run
+    torch_save(loss_path, loss)
+    fitness_csv = write_csv(plots_dir / "fitness.csv", history, fieldnames=FITNESS_COLUMNS)
+    fitness_png = plot_fitness(history, plots_dir / "fitness.png")
+    for path in (loss_path, fitness_csv, fitness_png):
+        run.log_artifact(path, artifact_path="evolve")
+
+
+def evolve_metrics(
+    config: PipelineConfig, history: list[dict], best: dict, version: str, run_id: str
+) -> dict:
+    """metrics/evolve.json: the curve's summary and where the loss was registered."""
+    last = history[-1] if history else {}
+    return {
+        "family": config.evolve.family,
+        "generations": len(history),
+        "best_center_fitness": best["fitness"],
+        "best_generation": best["generation"],
+        "first_center_fitness": history[0]["center"] if history else None,
+        "last_center_fitness": last.get("center"),
+        "last_mean_fitness": last.get("mean"),
+        "nonfinite_members": sum(row["nonfinite"] for row in history),
+        "env_steps_per_second": sum(r["env_steps_per_second"] for r in history) / max(1, len(history)),
+        "registered_model": config.tracking.registered_model,
+        "registered_version": version,
+        "mlflow_run_id": run_id,
+    }
 
 
 def register_evolved_loss(config: PipelineConfig, run, loss_path: Path, best: dict, section_hash: str) -> str:
@@ -164,60 +185,115 @@ def evolve_generations(
     config: PipelineConfig, run, problem: EPGProblem, searcher: OpenAIES, checkpointer: Checkpointer, phi_init
 ) -> tuple[list[dict], dict]:
     """Run the generations left after the checkpoint (if any); returns (history, best center)."""
-    evolve = config.evolve
-    start, history = 0, []
-    best = {"phi": phi_init.clone(), "fitness": -math.inf, "generation": -1}
-    state = checkpointer.restore()
-    if state is not None:
-        searcher.load_state(state["searcher"])
-        start, history, best = state["generation"], state["history"], state["best"]
-        log.info("evolve: resumed from %s at generation %d", checkpointer.path, start)
-        if state.get("mlflow_run_id") != run.run_id:  # a new run: it gets the curve so far as well
-            for row in history:
-                log_generation(run, row)
+    recorder = GenerationRecorder(config.evolve, run, problem, searcher, checkpointer, phi_init)
+    recorder.restore()
+    recorder.run()
+    return recorder.history, recorder.best
 
-    def snapshot(next_generation: int) -> dict:
+
+class GenerationRecorder:
+    """The evolve stage's bookkeeping around each ES step, as EvoTorch searcher hooks.
+
+    ``before_step_hook`` sets the generation's learning rate and tasks; ``after_step_hook`` turns the
+    evaluated population into the generation's row of the fitness curve (``ROW`` in the status) and
+    keeps the best center; ``log_hook`` sends the row to MLflow, the log and the progress bar, then
+    checkpoints when due (or stops at a pending SIGTERM); ``end_of_run_hook`` writes the final checkpoint.
+    """
+
+    ROW = "fitness_row"  # the status key of the row; PGPE's own status already has "center"
+
+    def __init__(
+        self, evolve, run, problem: EPGProblem, searcher: OpenAIES, checkpointer: Checkpointer, phi_init
+    ):
+        self.evolve, self.mlflow_run, self.problem, self.searcher = evolve, run, problem, searcher
+        self.checkpointer = checkpointer
+        self.generation = 0  # the next generation to run
+        self.history: list[dict] = []
+        self.best = {"phi": phi_init.clone(), "fitness": -math.inf, "generation": -1}
+        self.started = 0.0
+        self.progress = None
+
+    def restore(self) -> None:
+        """Continue from the checkpoint, if any; a new MLflow run gets the curve so far as well."""
+        state = self.checkpointer.restore()
+        if state is None:
+            return
+        self.searcher.load_state(state["searcher"])
+        self.generation, self.history, self.best = state["generation"], state["history"], state["best"]
+        log.info("evolve: resumed from %s at generation %d", self.checkpointer.path, self.generation)
+        if state.get("mlflow_run_id") != self.mlflow_run.run_id:
+            for row in self.history:
+                log_generation(self.mlflow_run, row)
+
+    def run(self) -> None:
+        """The generations left, as one ``searcher.run``; SIGTERM waits for the next checkpoint."""
+        evolve, start = self.evolve, self.generation
+        progress = loop_progress("evolve", "gen", start, evolve.generations)  # updated by the log hook
+        with self.checkpointer.deferring_stop(), progress:
+            self.progress = progress
+            self.attach()
+            self.searcher.run(evolve.generations - start)
+
+    def attach(self) -> None:
+        searcher = self.searcher
+        searcher.before_step_hook.append(self.before_step)
+        searcher.after_step_hook.append(self.after_step)
+        searcher.log_hook.append(self.log)
+        searcher.log_hook.append(self.checkpoint)
+        searcher.end_of_run_hook.append(lambda status: self.checkpointer.save(self.snapshot()))
+
+    def snapshot(self) -> dict:
         return {
-            "generation": next_generation,
-            "searcher": searcher.state(),
-            "history": history,
-            "best": best,
-            "mlflow_run_id": run.run_id,
+            "generation": self.generation,
+            "searcher": self.searcher.state(),
+            "history": self.history,
+            "best": self.best,
+            "mlflow_run_id": self.mlflow_run.run_id,
         }
 
-    progress = loop_progress("evolve", "gen", start, evolve.generations)
-    with checkpointer.deferring_stop(), progress:
-        for generation in progress:
-            row = evolve_one_generation(evolve, generation, problem, searcher)
-            if row["center"] > best["fitness"]:
-                best = {"phi": problem.center.clone(), "fitness": row["center"], "generation": generation}
-            row["best_so_far"] = best["fitness"]
-            history.append(row)
-            log_generation(run, row)
-            progress.set_postfix(center=f"{row['center']:.1f}", best=f"{best['fitness']:.1f}", refresh=False)
-            log.info(
-                "generation %d: mean %.2f max %.2f center %.2f best %.2f (%.0f env steps/s)",
-                generation,
-                row["mean"],
-                row["max"],
-                row["center"],
-                best["fitness"],
-                row["env_steps_per_second"],
-            )
-            due = (generation + 1) % evolve.checkpoint_every == 0
-            checkpointer.safe_point(lambda g=generation: snapshot(g + 1), due=due)
-        checkpointer.save(snapshot(evolve.generations))
-    return history, best
+    def before_step(self) -> None:
+        self.searcher.set_learning_rate(learning_rate(self.evolve, self.generation))
+        self.problem.set_generation(self.generation, center=None)
+        self.started = time.perf_counter()
+
+    def after_step(self) -> dict:
+        seconds = time.perf_counter() - self.started
+        row = generation_row(self.evolve, self.generation, self.problem, self.searcher, seconds)
+        if row["center"] > self.best["fitness"]:
+            self.best = {
+                "phi": self.problem.center.clone(),
+                "fitness": row["center"],
+                "generation": row["generation"],
+            }
+        row["best_so_far"] = self.best["fitness"]
+        self.history.append(row)
+        self.generation += 1
+        return {self.ROW: row}
+
+    def log(self, status: dict) -> None:
+        row = status[self.ROW]
+        log_generation(self.mlflow_run, row)
+        self.progress.update(1)
+        self.progress.set_postfix(
+            center=f"{row['center']:.1f}", best=f"{row['best_so_far']:.1f}", refresh=False
+        )
+        log.info(
+            "generation %d: mean %.2f max %.2f center %.2f best %.2f (%.0f env steps/s)",
+            row["generation"],
+            row["mean"],
+            row["max"],
+            row["center"],
+            row["best_so_far"],
+            row["env_steps_per_second"],
+        )
+
+    def checkpoint(self, status: dict) -> None:
+        due = self.generation % self.evolve.checkpoint_every == 0
+        self.checkpointer.safe_point(self.snapshot, due=due)
 
 
-def evolve_one_generation(evolve, generation: int, problem: EPGProblem, searcher: OpenAIES) -> dict:
-    """One ES step; returns the generation's row of the fitness curve (without best_so_far)."""
-    lr = learning_rate(evolve, generation)
-    searcher.set_learning_rate(lr)
-    problem.set_generation(generation, center=None)
-    started = time.perf_counter()
-    searcher.step()
-    seconds = time.perf_counter() - started
+def generation_row(evolve, generation: int, problem: EPGProblem, searcher: OpenAIES, seconds: float) -> dict:
+    """The generation's row of the fitness curve (without best_so_far), from the evaluated population."""
     evdata = searcher.population.access_evals()
     env_steps = float(evdata[:, 2].sum()) * (1 + 1 / len(evdata))  # members + the center
     return {
@@ -226,7 +302,7 @@ def evolve_one_generation(evolve, generation: int, problem: EPGProblem, searcher
         "center": float(problem.center_fitness),
         "nonfinite": int(evdata[:, 1].sum()),
         "sigma": float(searcher.sigma.mean()),
-        "lr": lr,
+        "lr": learning_rate(evolve, generation),
         "alpha": ppo_weight(evolve, generation),
         "env_steps_per_second": env_steps / seconds,
     }

@@ -204,9 +204,9 @@ class Lifetimes:
 
     # ------------------------------------------------------------------------------------ the lifetime
     def run(self) -> LifetimeResult:
-        config, env, spec, lifetimes = self.config, self.env, self.spec, self.lifetimes
-        steps_per_update = config.update_every
-        total_sum, total_count = self.zeros(lifetimes), self.zeros(lifetimes)
+        """The whole lifetime: act M steps, update on them, repeat; then the fitness episodes if asked."""
+        config, env, steps_per_update = self.config, self.env, self.config.update_every
+        totals = (self.zeros(self.lifetimes), self.zeros(self.lifetimes))  # episode returns summed, counted
         curve, curve_steps = [], []
         start, update_seconds = time.perf_counter(), 0.0
         obs = env.reset(self.per_worker(self.draw(self.workers, env.noise_dim)))
@@ -214,52 +214,76 @@ class Lifetimes:
         recent: dict[str, list[torch.Tensor]] = {key: [] for key in (*self.buffer, "episode_return")}
         for step in range(config.lifetime_steps):
             slot = step % steps_per_update
-            if slot == 0:  # the window's random numbers in two draws, not two per step
-                shape = (steps_per_update, self.workers)
-                uniform_or_normal = self.draw(*shape, spec.action_dim, normal=not spec.discrete)
-                action_noise = self.per_worker(pol.action_noise(spec, uniform_or_normal), 1).unsqueeze(2)
-                reset_noise = self.per_worker(self.draw(*shape, env.noise_dim), 1)
-            with torch.no_grad():
-                action = pol.act(
-                    spec, self.policy, self.normalized_obs(obs).unsqueeze(1), action_noise[slot]
-                ).squeeze(1)
-                result = env.step(action.argmax(-1) if spec.discrete else action, reset_noise[slot])
-            recent["obs"].append(obs)
-            recent["act"].append(action)
-            recent["rew"].append(result.reward)
-            recent["done"].append(result.terminated | result.truncated)
-            recent["episode_return"].append(result.episode_return)
-            obs = result.obs
+            if slot == 0:
+                action_noise, reset_noise = self.window_noise()
+            obs = self.act(obs, action_noise[slot], reset_noise[slot], recent)
             if slot == steps_per_update - 1:
-                window = {key: torch.stack(values).float() for key, values in recent.items()}
-                for values in recent.values():
-                    values.clear()
-                episode_return = window.pop("episode_return")
-                self.window = window
-                for key, values in window.items():
-                    self.buffer[key] = torch.cat(
-                        [self.buffer[key][:, steps_per_update:], values.transpose(0, 1)], dim=1
-                    )
-                self.buffered_steps = min(step + 1, config.buffer_size)
-                self.obs_moments = update_moments(self.obs_moments, window["obs"])
-                if self.act_moments is not None:
-                    self.act_moments = update_moments(self.act_moments, window["act"])
-                window["obs"] = normalize(self.obs_moments, window["obs"])  # what the update's policy sees
+                episode_return = self.take_window(recent, step)
                 update_start = time.perf_counter()
                 self.dead |= self.update(self.normalized_obs(obs))
                 update_seconds += time.perf_counter() - update_start
                 # episode_return is the finished episode's return on the step it ends, else 0
-                episode_sum, episode_count = episode_return.sum(0), window["done"].sum(0)
+                episode_sum, episode_count = episode_return.sum(0), self.window["done"].sum(0)
                 curve.append(
                     torch.where(episode_count > 0, episode_sum / episode_count.clamp_min(1), torch.nan)
                 )
                 curve_steps.append(step + 1)
-                total_sum += episode_sum
-                total_count += episode_count
+                totals = (totals[0] + episode_sum, totals[1] + episode_count)
+        acting = time.perf_counter() - start - update_seconds
+        return self.result(totals, curve, curve_steps, {"acting": acting, "updates": update_seconds})
 
-        env_steps = lifetimes * config.lifetime_steps
+    def window_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next window's action and reset noise [M, L, ...], in two draws rather than two per step."""
+        spec, shape = self.spec, (self.config.update_every, self.workers)
+        uniform_or_normal = self.draw(*shape, spec.action_dim, normal=not spec.discrete)
+        action_noise = self.per_worker(pol.action_noise(spec, uniform_or_normal), 1).unsqueeze(2)
+        reset_noise = self.per_worker(self.draw(*shape, self.env.noise_dim), 1)
+        return action_noise, reset_noise
+
+    def act(self, obs, action_noise, reset_noise, recent: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """One env step of every lifetime, recorded in ``recent``; returns the next observations."""
+        spec = self.spec
+        with torch.no_grad():
+            action = pol.act(spec, self.policy, self.normalized_obs(obs).unsqueeze(1), action_noise).squeeze(
+                1
+            )
+            result = self.env.step(action.argmax(-1) if spec.discrete else action, reset_noise)
+        recent["obs"].append(obs)
+        recent["act"].append(action)
+        recent["rew"].append(result.reward)
+        recent["done"].append(result.terminated | result.truncated)
+        recent["episode_return"].append(result.episode_return)
+        return result.obs
+
+    def take_window(self, recent: dict[str, list[torch.Tensor]], step: int) -> torch.Tensor:
+        """Stack the window's steps into ``self.window`` and the loss buffer, update the moments and
+        normalise the window's observations; returns its episode returns [M, L] (emptying ``recent``)."""
+        steps_per_update = self.config.update_every
+        window = {key: torch.stack(values).float() for key, values in recent.items()}
+        for values in recent.values():
+            values.clear()
+        episode_return = window.pop("episode_return")
+        self.window = window
+        for key, values in window.items():
+            self.buffer[key] = torch.cat(
+                [self.buffer[key][:, steps_per_update:], values.transpose(0, 1)], dim=1
+            )
+        self.buffered_steps = min(step + 1, self.config.buffer_size)
+        self.obs_moments = update_moments(self.obs_moments, window["obs"])
+        if self.act_moments is not None:
+            self.act_moments = update_moments(self.act_moments, window["act"])
+        window["obs"] = normalize(self.obs_moments, window["obs"])  # what the update's policy sees
+        return episode_return
+
+    def result(
+        self, totals, curve: list, curve_steps: list[int], seconds: dict[str, float]
+    ) -> LifetimeResult:
+        """The lifetimes' fitness (after the fitness episodes, if configured) as [P, W] grids on the CPU."""
+        config = self.config
+        env_steps = self.lifetimes * config.lifetime_steps
+        total_sum, total_count = totals
         lifetime_returns = torch.where(total_count > 0, total_sum / total_count.clamp_min(1), torch.nan)
-        final_returns = torch.full((lifetimes,), torch.nan, device=self.device)
+        final_returns = torch.full((self.lifetimes,), torch.nan, device=self.device)
         lifetime_end = time.perf_counter()
         if config.fitness == "final_episodes":
             final_returns, extra_steps = self.final_episodes(config.fitness_episodes)
@@ -278,11 +302,7 @@ class Lifetimes:
             curve=grid(torch.stack(curve)) if curve else torch.empty(0, self.members, self.workers),
             curve_steps=curve_steps,
             env_steps=env_steps,
-            seconds={
-                "acting": lifetime_end - start - update_seconds,
-                "updates": update_seconds,
-                "fitness_episodes": time.perf_counter() - lifetime_end,
-            },
+            seconds={**seconds, "fitness_episodes": time.perf_counter() - lifetime_end},
         )
 
     # ------------------------------------------------------------------------------------ updates

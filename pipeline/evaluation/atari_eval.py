@@ -8,6 +8,7 @@ raw (unclipped) game scores. All episodes of a game run in parallel in one vecto
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,105 @@ log = logging.getLogger(__name__)
 # Median human-normalised scores over 57 games after 200M frames, no-op starts, gamma_bar = 0.99
 # (Xu, van Hasselt & Silver 2018, Table 1). Reference values only: not produced by this pipeline.
 PAPER_MEDIAN_HNS = {"impala": 191.8, "lambda": 185.5, "gamma": 280.9, "gamma_lambda": 242.6}
+
+
+@dataclass(frozen=True)
+class AgentScore:
+    """One trained agent (game, variant, training seed) over its no-op-start episodes."""
+
+    mean_score: float  # raw game score, mean over the episodes
+    ci_low: float  # CI of the mean over the episodes
+    ci_high: float
+    hns: float  # human-normalised mean score (1.0 = the human reference)
+    train_frames: int
+    gamma: float  # the agent's eta at the end of training
+    lambda_: float  # "lambda" in the JSON
+    scores: list[float]  # per episode: raw score, no-ops at its start, length in agent steps
+    noops: list[int]
+    lengths: list[int]
+
+    def to_dict(self) -> dict:
+        return _json_names(asdict(self))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean over shared training seeds of (variant score − baseline score), with its Student-t CI."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    seeds: int  # training seeds both have
+    per_seed: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """One (game, variant) over its training seeds: mean raw score and HNS, each with a CI over seeds."""
+
+    mean_score: float
+    ci_low: float
+    ci_high: float
+    hns: float
+    hns_ci_low: float
+    hns_ci_high: float
+    num_seeds: int
+    episodes: int  # over all seeds
+    train_frames: int  # the least any seed was trained
+    gamma: float  # mean over seeds
+    lambda_: float  # mean over seeds; "lambda" in the JSON
+    seeds: dict[str, AgentScore]  # by training seed, ascending
+    diff_vs_impala: PairedDifference | None = None  # for every variant but impala, when impala ran
+
+    def to_dict(self) -> dict:
+        data = {field.name: getattr(self, field.name) for field in fields(self)}
+        data["seeds"] = {seed: cell.to_dict() for seed, cell in self.seeds.items()}
+        if self.diff_vs_impala is None:
+            del data["diff_vs_impala"]
+        else:
+            data["diff_vs_impala"] = self.diff_vs_impala.to_dict()
+        return _json_names(data)
+
+    def metrics(self) -> dict:
+        """The entry of metrics/evaluate.json: score and HNS with their CIs, the difference with impala."""
+        keys = ("mean_score", "ci_low", "ci_high", "hns", "hns_ci_low", "hns_ci_high", "num_seeds")
+        entry = {key: getattr(self, key) for key in keys}
+        if self.diff_vs_impala is not None:
+            diff = self.diff_vs_impala
+            entry["diff_vs_impala"] = {"mean": diff.mean, "ci_low": diff.ci_low, "ci_high": diff.ci_high}
+        return entry
+
+
+@dataclass(frozen=True)
+class AtariEvaluation:
+    """The no-op-start evaluation of every agent: per game and variant, the median HNS per variant."""
+
+    games: dict[str, dict[str, VariantSummary]]  # game -> variant (impala first) -> summary
+    reference_scores: dict[str, dict]  # game -> its random and human scores
+    hns: dict[str, dict[str, float]]  # variant -> median and mean HNS over games, number of games
+    paper_median_hns_percent: dict[str, float]
+    confidence: float
+
+    def to_dict(self) -> dict:
+        """The JSON layout of ``score --out`` and of the report's input."""
+        return {
+            "games": {
+                game: {variant: summary.to_dict() for variant, summary in variants.items()}
+                for game, variants in self.games.items()
+            },
+            "reference_scores": self.reference_scores,
+            "hns": self.hns,
+            "paper_median_hns_percent": self.paper_median_hns_percent,
+            "confidence": self.confidence,
+        }
+
+
+def _json_names(data: dict) -> dict:
+    """``lambda_`` (a Python keyword otherwise) is "lambda" in the JSON; the key order is kept."""
+    return {("lambda" if key == "lambda_" else key): value for key, value in data.items()}
 
 
 def load_agent(path: Path) -> tuple[AtariActorCritic, torch.Tensor, dict]:
@@ -80,7 +180,7 @@ def evaluate_agents(
     config: AtariEvalConfig,
     seed: int,
     confidence: float,
-) -> dict:
+) -> AtariEvaluation:
     """``model_paths[game][variant][training seed]`` -> scores per cell, per (game, variant) over seeds,
     paired differences with the baseline, and the median HNS over games per variant.
 
@@ -89,7 +189,7 @@ def evaluate_agents(
     Student-t CIs over seeds; per variant other than ``impala``: the paired difference variant − impala
     of the per-seed mean scores, over the seeds both have.
     """
-    per_game: dict[str, dict] = {}
+    per_game: dict[str, dict[str, VariantSummary]] = {}
     hns_by_variant: dict[str, dict[str, float]] = {}
     for game, variants in model_paths.items():
         if game not in scores_table["games"]:
@@ -102,71 +202,70 @@ def evaluate_agents(
                 for train_seed, path in seeds.items()
             }
             per_game[game][variant] = summarize_seeds(cells, confidence)
-            hns_by_variant.setdefault(variant, {})[game] = per_game[game][variant]["hns"]
+            hns_by_variant.setdefault(variant, {})[game] = per_game[game][variant].hns
         baseline = per_game[game].get("impala")
-        for variant, row in per_game[game].items():
+        for variant, summary in per_game[game].items():
             if baseline is not None and variant != "impala":
-                row["diff_vs_impala"] = paired_difference(row["seeds"], baseline["seeds"], confidence)
-    return {
-        "games": per_game,
-        "reference_scores": {game: scores_table["games"][game] for game in per_game},
-        "hns": {variant: aggregate_hns(values) for variant, values in hns_by_variant.items()},
-        "paper_median_hns_percent": PAPER_MEDIAN_HNS,
-        "confidence": confidence,
-    }
+                diff = paired_difference(summary.seeds, baseline.seeds, confidence)
+                per_game[game][variant] = replace(summary, diff_vs_impala=diff)
+    return AtariEvaluation(
+        games=per_game,
+        reference_scores={game: scores_table["games"][game] for game in per_game},
+        hns={variant: aggregate_hns(values) for variant, values in hns_by_variant.items()},
+        paper_median_hns_percent=dict(PAPER_MEDIAN_HNS),
+        confidence=confidence,
+    )
 
 
 def score_agent(
     path: Path, game: str, config: AtariEvalConfig, seed: int, confidence: float, reference: dict
-) -> dict:
+) -> AgentScore:
     """One cell's agent: its no-op-start episodes, mean raw score with a CI over episodes, HNS."""
     net, eta, checkpoint = load_agent(path)
     env_config = AtariEnvConfig(**checkpoint["metagrad_config"]["env"])  # as the agent was trained
     log.info("%s: %d no-op episodes", path, config.episodes)
     played = play_episodes(net, eta, game, config, env_config, seed)
     interval = mean_ci(played["scores"], confidence)
-    return {
-        "mean_score": interval.mean,
-        "ci_low": interval.low,
-        "ci_high": interval.high,
-        "hns": human_normalized(interval.mean, reference["random"], reference["human"]),
-        "train_frames": checkpoint["frames"],
-        "gamma": float(eta[0]),
-        "lambda": float(eta[1]),
+    return AgentScore(
+        mean_score=interval.mean,
+        ci_low=interval.low,
+        ci_high=interval.high,
+        hns=human_normalized(interval.mean, reference["random"], reference["human"]),
+        train_frames=checkpoint["frames"],
+        gamma=float(eta[0]),
+        lambda_=float(eta[1]),
         **played,
-    }
+    )
 
 
-def summarize_seeds(cells: dict[int, dict], confidence: float) -> dict:
-    """Mean raw score and HNS over training seeds, each with its CI over seeds; the cells under "seeds"."""
+def summarize_seeds(cells: dict[int, AgentScore], confidence: float) -> VariantSummary:
+    """Mean raw score and HNS over training seeds, each with its CI over seeds; the cells under ``seeds``."""
     ordered = dict(sorted(cells.items()))
-    score = mean_ci([c["mean_score"] for c in ordered.values()], confidence)
-    hns = mean_ci([c["hns"] for c in ordered.values()], confidence)
-    return {
-        "mean_score": score.mean,
-        "ci_low": score.low,
-        "ci_high": score.high,
-        "hns": hns.mean,
-        "hns_ci_low": hns.low,
-        "hns_ci_high": hns.high,
-        "num_seeds": len(ordered),
-        "episodes": sum(len(c["scores"]) for c in ordered.values()),
-        "train_frames": min(c["train_frames"] for c in ordered.values()),
-        "gamma": float(np.mean([c["gamma"] for c in ordered.values()])),
-        "lambda": float(np.mean([c["lambda"] for c in ordered.values()])),
-        "seeds": {str(k): c for k, c in ordered.items()},
-    }
+    score = mean_ci([c.mean_score for c in ordered.values()], confidence)
+    hns = mean_ci([c.hns for c in ordered.values()], confidence)
+    return VariantSummary(
+        mean_score=score.mean,
+        ci_low=score.low,
+        ci_high=score.high,
+        hns=hns.mean,
+        hns_ci_low=hns.low,
+        hns_ci_high=hns.high,
+        num_seeds=len(ordered),
+        episodes=sum(len(c.scores) for c in ordered.values()),
+        train_frames=min(c.train_frames for c in ordered.values()),
+        gamma=float(np.mean([c.gamma for c in ordered.values()])),
+        lambda_=float(np.mean([c.lambda_ for c in ordered.values()])),
+        seeds={str(k): c for k, c in ordered.items()},
+    )
 
 
-def paired_difference(cells: dict[str, dict], baseline: dict[str, dict], confidence: float) -> dict:
+def paired_difference(
+    cells: dict[str, AgentScore], baseline: dict[str, AgentScore], confidence: float
+) -> PairedDifference:
     """Mean over shared training seeds of (cell score − baseline score), with its Student-t CI."""
     shared = [k for k in cells if k in baseline]
-    diffs = {k: cells[k]["mean_score"] - baseline[k]["mean_score"] for k in shared}
+    diffs = {k: cells[k].mean_score - baseline[k].mean_score for k in shared}
     interval = mean_ci(diffs.values(), confidence)
-    return {
-        "mean": interval.mean,
-        "ci_low": interval.low,
-        "ci_high": interval.high,
-        "seeds": len(shared),
-        "per_seed": diffs,
-    }
+    return PairedDifference(
+        mean=interval.mean, ci_low=interval.low, ci_high=interval.high, seeds=len(shared), per_seed=diffs
+    )

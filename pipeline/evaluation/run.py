@@ -12,7 +12,7 @@ from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
 from ..plots import band_plot, bar_plot, line_plot, smooth
 from .adapt_eval import adapting_curves
-from .atari_eval import evaluate_agents
+from .atari_eval import AtariEvaluation, evaluate_agents
 from .compare import ADAPTING, Comparison, LifetimeCurves, compare, mean_cells
 from .epg_eval import EpgEvaluation, evaluate_loss_curves, load_loss
 from .promotion import promote_version
@@ -134,7 +134,7 @@ def run_evaluate(config: PipelineConfig, paths: EvaluatePaths) -> dict:
         }
         results["run_ids"] = {**stage_run_ids(paths.metrics_dir), "evaluate": run.run_id}
         results["params"] = config.model_dump(mode="json", by_alias=True)
-        report = write_text(paths.reports_dir / "report.md", render_report(results))
+        report = write_text(paths.reports_dir / "report.md", render_report(report_input(results)))
         metrics = summary_metrics(results, run.run_id)
         write_json(paths.metrics_dir / "evaluate.json", metrics)
         run.log_metrics(_flat_numbers(metrics))
@@ -294,7 +294,13 @@ def curve_plots(
     )
 
 
-def write_atari_plots(atari: dict, paths: EvaluatePaths) -> dict[str, Path]:
+def report_input(results: dict) -> dict:
+    """``results`` as the report reads them: the Atari part in its JSON layout."""
+    atari = results.get("atari")
+    return {**results, "atari": atari.to_dict()} if atari else results
+
+
+def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str, Path]:
     """HNS per game and variant with CIs over seeds; training curves with one line per variant and a
     band over seeds (from the metagrad stage's per-cell CSVs)."""
     figures: dict[str, Path] = {}
@@ -302,13 +308,13 @@ def write_atari_plots(atari: dict, paths: EvaluatePaths) -> dict[str, Path]:
         {
             "game": game,
             "variant": variant,
-            "seeds": row["num_seeds"],
-            "mean_score": row["mean_score"],
-            "hns": row["hns"],
-            "hns_ci_low": row["hns_ci_low"],
-            "hns_ci_high": row["hns_ci_high"],
+            "seeds": row.num_seeds,
+            "mean_score": row.mean_score,
+            "hns": row.hns,
+            "hns_ci_low": row.hns_ci_low,
+            "hns_ci_high": row.hns_ci_high,
         }
-        for game, variants in atari["games"].items()
+        for game, variants in atari.games.items()
         for variant, row in variants.items()
     ]
     write_csv(paths.plots_dir / "evaluate/hns.csv", rows)
@@ -316,17 +322,17 @@ def write_atari_plots(atari: dict, paths: EvaluatePaths) -> dict[str, Path]:
     figures["Human-normalised score per game and variant"] = bar_plot(
         paths.reports_dir / "hns.png",
         {
-            game: {label(v): 100 * r["hns"] for v, r in variants.items()}
-            for game, variants in atari["games"].items()
+            game: {label(v): 100 * r.hns for v, r in variants.items()}
+            for game, variants in atari.games.items()
         },
         errors={
-            game: {label(v): (100 * r["hns_ci_low"], 100 * r["hns_ci_high"]) for v, r in variants.items()}
-            for game, variants in atari["games"].items()
+            game: {label(v): (100 * r.hns_ci_low, 100 * r.hns_ci_high) for v, r in variants.items()}
+            for game, variants in atari.games.items()
         },
         ylabel="human-normalised score (%), CI over seeds",
         title="No-op-start evaluation",
     )
-    for game in atari["games"]:
+    for game in atari.games:
         for kind, column, ylabel in (
             ("returns", "episode_return", "raw episode return (moving avg of 10)"),
             ("eta", "gamma", "gamma"),
@@ -376,27 +382,12 @@ def summary_metrics(results: dict, run_id: str) -> dict:
         metrics["comparison"] = results["comparison"].to_dict()
     atari = results.get("atari")
     if atari:
-        keys = ("mean_score", "ci_low", "ci_high", "hns", "hns_ci_low", "hns_ci_high", "num_seeds")
         metrics["atari"] = {
-            game: {
-                variant: {
-                    **{k: row[k] for k in keys},
-                    **(
-                        {
-                            "diff_vs_impala": {
-                                k: row["diff_vs_impala"][k] for k in ("mean", "ci_low", "ci_high")
-                            }
-                        }
-                        if "diff_vs_impala" in row
-                        else {}
-                    ),
-                }
-                for variant, row in variants.items()
-            }
-            for game, variants in atari["games"].items()
+            game: {variant: summary.metrics() for variant, summary in variants.items()}
+            for game, variants in atari.games.items()
         }
-        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari["hns"].items()}
-        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari["hns"].items()}
+        metrics["median_hns"] = {variant: agg["median"] for variant, agg in atari.hns.items()}
+        metrics["mean_hns"] = {variant: agg["mean"] for variant, agg in atari.hns.items()}
     metrics["promotion"] = {k: v for k, v in results["promotion"].items()}
     metrics["mlflow_run_id"] = run_id
     return metrics
