@@ -421,6 +421,7 @@ def tiny_pipeline_config(generations: int = 4):
     params["evolve"].update(
         evolve_config(generations=generations).model_dump(mode="json"), checkpoint_every=2, num_actors=0
     )
+    params["maml"]["family"] = params["evolve"]["family"]  # evaluate compares the two on one family
     return PipelineConfig.model_validate(params)
 
 
