@@ -39,3 +39,11 @@ def evolve_config(**overrides) -> EvolveConfig:
         loss_net=TINY_NET.model_dump(),
     )
     return EvolveConfig(**{**base, **overrides})
+
+
+def with_tiny_evolve(params: dict, **overrides) -> dict:
+    """``params`` (a loaded params.yaml) with the tiny evolve section of ``evolve_config(**overrides)``, and
+    MAML on the same task family: the evaluate stage compares the two on one family (the config says so)."""
+    params["evolve"].update(evolve_config(**overrides).model_dump(mode="json"), num_actors=0)
+    params["maml"]["family"] = params["evolve"]["family"]
+    return params

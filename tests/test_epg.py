@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from epg_helpers import TINY_INNER, TINY_NET, evolve_config, tiny_phi
+from epg_helpers import TINY_INNER, TINY_NET, evolve_config, tiny_phi, with_tiny_evolve
 from evotorch import Problem
 from helpers import killed_at_call, stage_project
 from torch.func import vmap
@@ -418,10 +418,7 @@ def tiny_pipeline_config(generations: int = 4):
     from pipeline.config import PipelineConfig
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    params["evolve"].update(
-        evolve_config(generations=generations).model_dump(mode="json"), checkpoint_every=2, num_actors=0
-    )
-    params["maml"]["family"] = params["evolve"]["family"]  # evaluate compares the two on one family
+    with_tiny_evolve(params, generations=generations, checkpoint_every=2)
     return PipelineConfig.model_validate(params)
 
 

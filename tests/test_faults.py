@@ -237,7 +237,7 @@ def test_a_lock_outlasting_the_outage_budget_stops_the_stage_in_one_line(project
 def test_evolve_survives_a_lock_held_across_generations(project, monkeypatch, caplog):
     """The real training loop: the store is locked during generations 1 and 2; evolve finishes, every
     generation's metrics reach the store, and the loss is registered."""
-    from epg_helpers import evolve_config
+    from epg_helpers import with_tiny_evolve
 
     from pipeline.config import PipelineConfig
     from pipeline.epg.evolve import run_evolve
@@ -247,7 +247,7 @@ def test_evolve_survives_a_lock_held_across_generations(project, monkeypatch, ca
     from pipeline.registry import list_versions
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evolve"].update(evolve_config(generations=4).model_dump(mode="json"), num_actors=0)
+    with_tiny_evolve(params, generations=4)
     config = PipelineConfig.model_validate(params)
     tasks = write_json(project / "tasks.json", task_splits(config.prepare, config.seed))
     lock, original_step, calls = sqlite_locked(project / "mlflow.db"), OpenAIES.step, {"n": 0}

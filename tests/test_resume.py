@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from epg_helpers import evolve_config
+from epg_helpers import with_tiny_evolve
 from test_metagrad_training import ROOT, run_stage
 
 from pipeline import stage as stage_module
@@ -34,9 +34,7 @@ CALLS_PER_STEP = {"maml": 2}
 
 def tiny_params(path: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["evolve"].update(
-        evolve_config(generations=GENERATIONS).model_dump(mode="json"), checkpoint_every=2, num_actors=0
-    )
+    with_tiny_evolve(params, generations=GENERATIONS, checkpoint_every=2)
     params["metagrad"].update(
         games=["pong"],
         variants=["impala", "gamma_lambda"],  # the stage trains impala first, then gamma_lambda
