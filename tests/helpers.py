@@ -10,6 +10,19 @@ from pathlib import Path
 
 import pytest
 
+# A maml section small enough for a stage run in seconds (tests of the stage, its resume and its faults).
+TINY_MAML = dict(
+    iterations=4,
+    meta_batch_size=3,
+    rollouts_per_task=3,
+    horizon=10,
+    policy_hidden=[16],
+    checkpoint_every=2,
+    eval_tasks=2,
+    eval_inner_steps=1,
+    device="cpu",
+)
+
 
 def store_env(folder: Path, **extra: str) -> dict[str, str]:
     """This process's environment with the MLflow store ``folder/mlflow.db``, no DVC analytics, and no

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import killed_at_call, stage_project
+from helpers import TINY_MAML, killed_at_call, stage_project
 
 from pipeline.config import EPG_METHODS, MamlConfig, PipelineConfig
 from pipeline.envs.tasks import make_env, sample_tasks
@@ -300,20 +300,7 @@ def test_maml_raises_the_post_adaptation_return_on_point_goal():
 # ------------------------------------------------------------------------------------------ the stage
 def tiny_pipeline_config(**maml) -> PipelineConfig:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["maml"].update(
-        dict(
-            iterations=4,
-            meta_batch_size=3,
-            rollouts_per_task=3,
-            horizon=10,
-            policy_hidden=[16],
-            checkpoint_every=2,
-            eval_tasks=2,
-            eval_inner_steps=1,
-            device="cpu",
-        ),
-        **maml,
-    )
+    params["maml"].update(TINY_MAML, **maml)
     return PipelineConfig.model_validate(params)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from epg_helpers import with_tiny_evolve
+from helpers import TINY_MAML
 from test_metagrad_training import ROOT, run_stage
 
 from pipeline import stage as stage_module
@@ -46,17 +47,7 @@ def tiny_params(path: Path) -> Path:
         device="cpu",
         env={"frameskip": 4, "stack": 4, "noop_max": 30, "max_episode_frames": 108000, "env_threads": 1},
     )
-    params["maml"].update(
-        iterations=ITERATIONS,
-        meta_batch_size=3,
-        rollouts_per_task=3,
-        horizon=10,
-        policy_hidden=[16],
-        checkpoint_every=2,
-        eval_tasks=2,
-        eval_inner_steps=1,
-        device="cpu",
-    )
+    params["maml"].update(TINY_MAML, iterations=ITERATIONS)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
