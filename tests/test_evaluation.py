@@ -304,6 +304,25 @@ def test_claim_b_evolved_keeps_learning_and_maml_adaptation_does_not_both_ways()
     assert comparison.claims[0].reproduced is None and "did not fit" in comparison.claims[0].verdict
 
 
+def test_claim_b_is_not_checkable_when_maml_sits_at_its_return_ceiling():
+    """MAML's flat curve at its ceiling would 'reproduce' (b) by construction: no gain was possible."""
+    flat = [[5.0, 5, 6, 6, 6], [5, 5, 4, 4, 4]]  # K-step mean 5.0
+    assert compare({"ood": hand_curves(flat)}, 12, 2, 0.95, maml_ceiling=5.0).claims[0].reproduced is None
+    claim = compare({"ood": hand_curves(flat)}, 12, 2, 0.95, maml_ceiling=5.2).claims[0]
+    assert claim.verdict.startswith("not checkable: MAML's return after K steps (5.0) is at its ceiling (5.2")
+    assert "evolved: end − K steps 20.0" in claim.verdict
+    # below 95 % of the ceiling (5.0 < 0.95 x 5.3 = 5.035) the claim is checked as before
+    assert compare({"ood": hand_curves(flat)}, 12, 2, 0.95, maml_ceiling=5.3).claims[0].reproduced is True
+
+
+def test_return_ceiling_is_the_horizon_times_the_step_reward_bound():
+    from pipeline.evaluation.adapt_eval import return_ceiling
+
+    assert return_ceiling({"family": "random_cartpole", "maml": {"horizon": 100}}) == 100.0
+    assert return_ceiling({"family": "random_cartpole", "maml": {"horizon": 900}}) == 500.0  # env limit
+    assert return_ceiling({"family": "point_goal", "maml": {"horizon": 50}}) is None
+
+
 def test_epg_curves_sit_at_the_steps_trained_on_and_carry_the_last_finished_episodes_forward():
     curve = torch.tensor([[math.nan, 2.0], [3.0, math.nan], [math.nan, 4.0]])  # [updates, lifetimes]
     curves = epg_curves(curve, [32, 64, 96], update_every=32)

@@ -40,6 +40,7 @@ class BatchedTaskEnv(ABC):
     action_dim: ClassVar[int]  # number of actions if discrete, else the action vector size
     noise_dim: ClassVar[int]  # U(0,1) numbers one copy needs to reset
     max_episode_steps: ClassVar[int]
+    max_step_reward: ClassVar[float | None] = None  # a bound on one step's reward, where there is one
     param_names: ClassVar[tuple[str, ...]]
     nominal_params: ClassVar[dict[str, float]]
     train_ranges: ClassVar[dict[str, tuple[float, float]]]  # half-open [lo, hi); lo == hi means constant

@@ -109,6 +109,7 @@ class RandomCartPoleEnv(BatchedTaskEnv):
     action_dim = 2
     noise_dim = 4
     max_episode_steps = 500
+    max_step_reward = 1.0
     param_names = ("gravity", "masscart", "masspole", "length")
     nominal_params = {"gravity": 9.8, "masscart": 1.0, "masspole": 0.1, "length": 0.5}
     train_ranges = {

@@ -35,6 +35,18 @@ def load_policy(method: str, path: Path, family: str) -> dict:
     return policy
 
 
+def return_ceiling(policy: dict) -> float | None:
+    """The largest episode return the policy's evaluation episodes can reach: the family's bound on one
+    step's reward times the episode length (``maml.horizon``, at most the family's own limit); None where
+    the family's reward is unbounded or not known."""
+    from ..envs.tasks import FAMILIES
+
+    env = FAMILIES[policy["family"]]
+    if env.max_step_reward is None:
+        return None
+    return env.max_step_reward * min(policy["maml"]["horizon"], env.max_episode_steps)
+
+
 def adapting_curves(
     policies: dict[str, Path],
     family: str,
@@ -42,9 +54,10 @@ def adapting_curves(
     config: EpgEvalConfig,
     budget: int,
     seed: int,
-) -> tuple[dict[str, dict[str, LifetimeCurves]], int | None]:
-    """``curves[split][method]`` for the listed adapting methods, and K (MAML's inner steps; None
-    when neither ran). ``policies`` maps each adapting method to its policy file."""
+) -> tuple[dict[str, dict[str, LifetimeCurves]], int | None, float | None]:
+    """``curves[split][method]`` for the listed adapting methods, K (MAML's inner steps; None when
+    neither ran) and MAML's return ceiling (``return_ceiling``). ``policies`` maps each adapting method
+    to its policy file."""
     from ..maml.evaluation import adaptation_curves  # MAML is only imported when it is evaluated
 
     methods = [m for m in ADAPTING if m in config.methods]
@@ -68,4 +81,5 @@ def adapting_curves(
             curves[split][method] = LifetimeCurves(list(result.env_steps), result.returns.float().cpu())
             if method == "maml" or inner_steps is None:
                 inner_steps = result.inner_steps
-    return curves, inner_steps
+    ceiling = return_ceiling(loaded["maml"]) if "maml" in loaded else None
+    return curves, inner_steps, ceiling

@@ -116,7 +116,7 @@ class SplitComparison:
 class ClaimVerdict:
     claim: str
     criterion: str
-    reproduced: bool | None  # None: a needed method was not evaluated
+    reproduced: bool | None  # None: a needed method was not evaluated, or the data cannot check it
     evidence: dict[str, Cell]
     verdict: str
 
@@ -209,10 +209,20 @@ def claim_faster(
     return ClaimVerdict("a", criterion, reproduced, evidence, _verdict(reproduced, evidence))
 
 
+# MAML's K-step mean at or above this fraction of its return ceiling leaves its adaptation no room to show
+CEILING_FRACTION = 0.95
+
+
 def claim_keeps_learning(
-    curves: dict[str, LifetimeCurves], columns: dict[str, int], confidence: float
+    curves: dict[str, LifetimeCurves],
+    columns: dict[str, int],
+    confidence: float,
+    maml_ceiling: float | None = None,
 ) -> ClaimVerdict:
-    """(b) out of distribution the evolved loss keeps learning where MAML's adaptation does not."""
+    """(b) out of distribution the evolved loss keeps learning where MAML's adaptation does not.
+
+    Not checkable when MAML's adapted return is at its ceiling (``maml_ceiling``, e.g. cart-pole's
+    horizon): no gain is possible there, so its absence says nothing about adaptation."""
     k_name = k_column(columns)
     criterion = (
         "ood tasks: the evolved loss's paired gain end − K steps has its CI above 0, and MAML's "
@@ -239,6 +249,17 @@ def claim_keeps_learning(
     }
     if maml.env_steps[-1] > k:  # MAML went on after its adaptation within the budget
         evidence["MAML: end − K steps"] = paired(maml, end, maml, k, confidence)
+    at_k = Cell.of(maml.at(k), confidence)
+    if maml_ceiling is not None and at_k.mean >= CEILING_FRACTION * maml_ceiling:
+        numbers = _verdict(False, evidence).split(": ", 1)[1]
+        return ClaimVerdict(
+            "b",
+            criterion,
+            None,
+            evidence,
+            f"not checkable: MAML's return after K steps ({at_k.mean:.1f}) is at its ceiling "
+            f"({maml_ceiling:g}: the episodes' longest return), so it has no room to gain; {numbers}",
+        )
     reproduced = evidence["evolved: end − K steps"].above_zero() and not (
         evidence["MAML: K steps − 0 steps"].above_zero()
     )
@@ -255,8 +276,10 @@ def compare(
     budget: int,
     inner_steps: int | None,
     confidence: float,
+    maml_ceiling: float | None = None,
 ) -> Comparison:
-    """``curves[split][method]`` -> the table per split and the verdicts on claims (a) and (b)."""
+    """``curves[split][method]`` -> the table per split and the verdicts on claims (a) and (b);
+    ``maml_ceiling``: the largest return MAML's evaluation episodes can reach (None: unbounded)."""
     splits, claims = {}, []
     columns_of = {}
     for split, methods in curves.items():
@@ -266,7 +289,7 @@ def compare(
     if "test" in curves:
         claims.append(claim_faster(curves["test"], columns_of["test"], confidence))
     if "ood" in curves:
-        claims.append(claim_keeps_learning(curves["ood"], columns_of["ood"], confidence))
+        claims.append(claim_keeps_learning(curves["ood"], columns_of["ood"], confidence, maml_ceiling))
     return Comparison(budget, inner_steps, confidence, splits, claims)
 
 

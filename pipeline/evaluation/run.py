@@ -155,13 +155,13 @@ def compare_methods(
 ) -> tuple[Comparison, dict[str, dict[str, LifetimeCurves]]]:
     """Adds MAML's and the pretrained policy's curves (when listed) to the EPG methods' and compares
     them all at equal env steps (``compare``)."""
-    cfg, inner_steps = config.evaluate.epg, None
+    cfg, inner_steps, ceiling = config.evaluate.epg, None, None
     if any(method in cfg.methods for method in ADAPTING):
         policies = {
             "maml": paths.root / cfg.maml_policy,
             "pretrained": paths.root / cfg.pretrained_policy,
         }
-        adapting, inner_steps = adapting_curves(
+        adapting, inner_steps, ceiling = adapting_curves(
             policies, epg.family, splits, cfg, epg.env_steps_per_lifetime, config.seed
         )
         curves = {split: {**curves[split], **adapting[split]} for split in curves}
@@ -170,7 +170,7 @@ def compare_methods(
         split: dict(sorted(methods.items(), key=lambda kv: order.index(kv[0])))
         for split, methods in curves.items()
     }
-    comparison = compare(curves, epg.env_steps_per_lifetime, inner_steps, cfg.confidence)
+    comparison = compare(curves, epg.env_steps_per_lifetime, inner_steps, cfg.confidence, ceiling)
     return comparison, curves
 
 
