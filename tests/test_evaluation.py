@@ -312,7 +312,9 @@ def test_claim_b_is_not_checkable_when_maml_sits_at_its_return_ceiling():
     assert claim.verdict.startswith("not checkable: MAML's return after K steps (5.0) is at its ceiling (5.2")
     assert "evolved: end − K steps 20.0" in claim.verdict
     # below 95 % of the ceiling (5.0 < 0.95 x 5.3 = 5.035) the claim is checked as before
-    assert compare({"ood": hand_curves(flat)}, 12, 2, 0.95, maml_ceiling=5.3).claims[0].reproduced is True
+    claim = compare({"ood": hand_curves(flat)}, 12, 2, 0.95, maml_ceiling=5.3).claims[0]
+    assert claim.reproduced is True
+    assert claim.verdict.endswith("(MAML's return after K steps 5.0 of its ceiling 5.3)")
 
 
 def test_return_ceiling_is_the_horizon_times_the_step_reward_bound():
@@ -384,7 +386,8 @@ def test_evaluate_library_compares_every_method_on_a_tiny_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match="lists 'pretrained' but .*missing.pt does not exist"):
         adapting_curves(policies, family, splits, config, 96, seed=0)
     policies["pretrained"] = policies["maml"]  # the same file: the two must give the same curves
-    adapting, inner_steps = adapting_curves(policies, family, splits, config, 96, seed=0)
+    adapting, inner_steps, ceiling = adapting_curves(policies, family, splits, config, 96, seed=0)
+    assert ceiling is None  # point_goal's returns have no ceiling
     assert inner_steps == 1
     curves = {split: {**curves[split], **adapting[split]} for split in curves}
     comparison = compare(curves, evaluation.env_steps_per_lifetime, inner_steps, 0.95)

@@ -263,7 +263,10 @@ def claim_keeps_learning(
     reproduced = evidence["evolved: end − K steps"].above_zero() and not (
         evidence["MAML: K steps − 0 steps"].above_zero()
     )
-    return ClaimVerdict("b", criterion, reproduced, evidence, _verdict(reproduced, evidence))
+    verdict = _verdict(reproduced, evidence)
+    if maml_ceiling is not None:  # how much room MAML had: a reader weighs its flat curve by it
+        verdict += f" (MAML's return after K steps {at_k.mean:.1f} of its ceiling {maml_ceiling:g})"
+    return ClaimVerdict("b", criterion, reproduced, evidence, verdict)
 
 
 def _verdict(reproduced: bool, evidence: dict[str, Cell]) -> str:
