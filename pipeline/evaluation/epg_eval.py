@@ -151,17 +151,6 @@ def _evaluate_split(
     return results, curves
 
 
-def evaluate_loss(
-    loss: dict,
-    splits: dict[str, list[dict]],
-    config: EpgEvalConfig,
-    seed: int,
-    extra_losses: dict[str, torch.Tensor] | None = None,
-) -> EpgEvaluation:
-    """Final returns (with CIs) and learning curves per split and method (see ``evaluate_loss_curves``)."""
-    return evaluate_loss_curves(loss, splits, config, seed, extra_losses)[0]
-
-
 def evaluate_loss_curves(
     loss: dict,
     splits: dict[str, list[dict]],
