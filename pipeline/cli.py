@@ -260,8 +260,7 @@ def cmd_score(args) -> int:
     if args.seeds_json:
         if len(results.games) != 1:
             return _fail(f"--seeds-json takes agents of one game; {models} has {', '.join(results.games)}")
-        game_rows = next(iter(results.to_dict()["games"].values()))
-        print(write_json(Path(args.seeds_json), per_seed_scores(game_rows)))
+        print(write_json(Path(args.seeds_json), per_seed_scores(next(iter(results.games.values())))))
     return 0
 
 
@@ -271,13 +270,13 @@ def per_seed_scores(variants: dict) -> dict:
     return {
         variant: {
             str(seed): {
-                "mean": r["mean_score"],
-                "ci_low": r["ci_low"],
-                "ci_high": r["ci_high"],
-                "episodes": len(r["scores"]),
-                "frames": r["train_frames"],
+                "mean": r.mean_score,
+                "ci_low": r.ci_low,
+                "ci_high": r.ci_high,
+                "episodes": len(r.scores),
+                "frames": r.train_frames,
             }
-            for seed, r in row["seeds"].items()
+            for seed, r in row.seeds.items()
         }
         for variant, row in variants.items()
     }

@@ -69,15 +69,9 @@ def adapting_curves(
         tasks = splits[split][: config.max_tasks_per_split]
         for method, policy in loaded.items():
             log.info("%s: adapting %s over %d x %d lifetimes", split, method, config.seeds, len(tasks))
-            try:
-                result = adaptation_curves(
-                    policy, tasks, config.seeds, budget, derived_seed(seed, "adapt", split), device
-                )
-            except ValueError as error:  # e.g. one sampling of N episodes does not fit the budget
-                raise ValueError(
-                    f"{method} on {split} tasks: {error} (the budget is evolve.inner.lifetime_steps; "
-                    "one sampling takes up to maml.rollouts_per_task x maml.horizon env steps)"
-                ) from error
+            result = adaptation_curves(
+                policy, tasks, config.seeds, budget, derived_seed(seed, "adapt", split), device
+            )
             curves[split][method] = LifetimeCurves(list(result.env_steps), result.returns.float().cpu())
             if method == "maml" or inner_steps is None:
                 inner_steps = result.inner_steps

@@ -30,9 +30,8 @@ from .learner import adaptation_stream
 @dataclass(frozen=True)
 class AdaptationCurves:
     env_steps: list[int]  # cumulative env steps at each point; env_steps[0] == 0 (before any update)
-    returns: (
-        torch.Tensor
-    )  # [lifetimes, points] float: mean episode return of the rollouts sampled at that point
+    # [lifetimes, points] float: mean episode return of the rollouts sampled at that point
+    returns: torch.Tensor
     inner_steps: int  # K: the number of MAML inner steps (points 1..K are the adaptation steps)
 
 
