@@ -240,6 +240,14 @@ def test_lifetime_steps_must_be_a_multiple_of_update_every(write_params):
     assert "lifetime_steps (2000) must be a multiple of update_every (64)" in line
 
 
+def test_evaluation_lifetime_must_be_a_multiple_of_the_evolved_update_every(write_params):
+    (line,) = config_error_lines(write_params(lambda d: d["evaluate"]["epg"].update(lifetime_steps=1000)))
+    assert (
+        "evaluate.epg.lifetime_steps (1000) must be a multiple of the evolved loss's update_every (64)"
+        in line
+    )
+
+
 def test_buffer_too_short_for_loss_net_convolutions(write_params):
     def mutate(data):
         data["evolve"]["inner"].update(lifetime_steps=64, update_every=32, buffer_size=32)
@@ -443,9 +451,11 @@ def test_committed_params_reference_is_up_to_date():
 # params_hash of each profile's whole config: the overlays gave exactly the configs of the former full
 # copies of params.yaml (paper 1606f3e950d3c1b2, learn 011543abf5f0854e); learn then gained seeds
 # [0, 1, 2], two concurrent cells and 30 evaluation episodes; both changed when MAML moved to EPG's
-# task family (random_cartpole in params.yaml, random_hopper in paper) and evaluate compared MAML with EPG.
+# task family (random_cartpole in params.yaml, random_hopper in paper) and evaluate compared MAML with EPG;
+# all three when evaluate.epg.lifetime_steps came (one evaluation budget for every method: null in learn,
+# 81 920 in paper, 16 384 in compare, which also gave MAML full-length episodes and 100 iterations).
 # A changed hash means a profile changed: say why.
-PROFILE_HASHES = {"paper": "422bfab96db6642d", "learn": "3899915ac7fc3d39", "compare": "11fade10e215af51"}
+PROFILE_HASHES = {"paper": "5e1cc26e2b13fdb9", "learn": "333b49ea08209056", "compare": "8779ea1e2324f9d4"}
 
 
 @pytest.mark.parametrize("name", sorted(PROFILE_HASHES))

@@ -113,6 +113,7 @@ def fake_results() -> dict:
                 "test": {"evolved": summary, "ppo": replace(summary, mean=-47.5)},
                 "ood": {"evolved": replace(summary, mean=-91.0)},
             },
+            evolved_lifetime_steps=1024,
         ),
         "promotion": {"summary": "alias 'champion' moved to version 3: there is no champion yet"},
         "atari": {
@@ -206,12 +207,19 @@ def test_epg_results_are_typed_and_serialise_to_the_former_layout():
         2,
         1,
     )
-    evaluation = EpgEvaluation("point_goal", 128, 1, {"test": 3}, {"test": {"evolved": result}})
+    evaluation = EpgEvaluation("point_goal", 128, 1, {"test": 3}, {"test": {"evolved": result}}, 128)
     assert evaluation.mean_return("test", "evolved") == 2.0
     assert math.isnan(evaluation.mean_return("ood", "evolved"))
     assert math.isnan(evaluation.mean_return("test", "ppo"))
     as_dict = evaluation.to_dict()
-    assert list(as_dict) == ["family", "env_steps_per_lifetime", "seeds", "tasks_per_split", "splits"]
+    assert list(as_dict) == [
+        "family",
+        "env_steps_per_lifetime",
+        "seeds",
+        "tasks_per_split",
+        "splits",
+        "evolved_lifetime_steps",
+    ]
     evolved = as_dict["splits"]["test"]["evolved"]
     assert list(evolved) == [
         "mean",
@@ -405,6 +413,40 @@ def test_evaluate_library_compares_every_method_on_a_tiny_setting(tmp_path):
         )
     assert [c.claim for c in comparison.claims] == ["a", "b"]
     assert all(c.reproduced in (True, False) for c in comparison.claims)
+
+
+def test_a_longer_evaluation_lifetime_repeats_the_evolved_one_then_goes_on():
+    """evaluate.epg.lifetime_steps = 2U: every method's first U steps are the U-step lifetime's (same
+    random numbers), then training continues; the report names both lifetimes."""
+    from pipeline.config import EpgEvalConfig
+    from pipeline.envs.tasks import sample_tasks
+    from pipeline.evaluation.report import epg_section
+    from tests.epg_helpers import TINY_INNER, TINY_NET, tiny_phi
+
+    family = "point_goal"
+    loss = {
+        "family": family,
+        "phi": tiny_phi(family, 1)[0],
+        "inner": {**TINY_INNER.model_dump(), "fitness_episodes": 1},
+        "loss_net": TINY_NET.model_dump(),
+        "input_dim": tiny_phi(family, 1).shape[1],
+    }
+    splits = {"test": sample_tasks(family, "test", 2, 0)}
+    base = dict(seeds=1, methods=["evolved", "ppo"], splits=["test"], device="cpu")
+    own, own_curves = evaluate_loss_curves(loss, splits, EpgEvalConfig(**base), seed=0)
+    longer, longer_curves = evaluate_loss_curves(
+        loss, splits, EpgEvalConfig(**base, lifetime_steps=192), seed=0
+    )
+    assert (own.env_steps_per_lifetime, own.evolved_lifetime_steps) == (96, 96)
+    assert (longer.env_steps_per_lifetime, longer.evolved_lifetime_steps) == (192, 96)
+    for method in ("evolved", "ppo"):
+        short, long = own_curves["test"][method], longer_curves["test"][method]
+        assert long.env_steps == [0, 32, 64, 96, 128, 160]
+        torch.testing.assert_close(long.returns[:, :3], short.returns, rtol=0, atol=0, equal_nan=True)
+    assert "evolved with 96-step lifetimes" in "\n".join(epg_section(longer, {}))
+    assert "evolved with" not in "\n".join(epg_section(own, {}))
+    with pytest.raises(ValueError, match=r"evaluate.epg.lifetime_steps \(100\) must be a multiple"):
+        evaluate_loss_curves(loss, splits, EpgEvalConfig(**base, lifetime_steps=100), seed=0)
 
 
 def maml_policy_file(family: str) -> dict:

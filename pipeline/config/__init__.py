@@ -113,11 +113,26 @@ class PipelineConfig(Frozen):
         if self.maml.family not in self.prepare.task_families:
             raise ValueError(f"maml.family {self.maml.family!r} must be listed in prepare.task_families")
         check_maml_compared_on_epg_family(self.maml.family, self.evolve.family, self.evaluate.epg.methods)
+        evaluation_lifetime(self.evaluate.epg.lifetime_steps, self.evolve.inner)
         return self
 
 
 MAML_COMPARISON_METHODS = ("maml", "pretrained")
 """evaluate.epg.methods that run the maml stage's policy files on the EPG lifetimes' tasks."""
+
+
+def evaluation_lifetime(lifetime_steps: int | None, inner: InnerLoopConfig) -> int:
+    """The env steps of every evaluation lifetime: ``evaluate.epg.lifetime_steps``, or the evolved
+    loss's own lifetime when it is null; it must be a multiple of the loss's ``update_every``."""
+    if lifetime_steps is None:
+        return inner.lifetime_steps
+    if lifetime_steps % inner.update_every:
+        raise ValueError(
+            f"evaluate.epg.lifetime_steps ({lifetime_steps}) must be a multiple of the evolved "
+            f"loss's update_every ({inner.update_every}), or null for its own lifetime "
+            f"({inner.lifetime_steps})"
+        )
+    return lifetime_steps
 
 
 def check_maml_compared_on_epg_family(maml_family: str, evolve_family: str, methods) -> None:
@@ -171,6 +186,7 @@ __all__ = [
     "STAGES",
     "MAML_COMPARISON_METHODS",
     "check_maml_compared_on_epg_family",
+    "evaluation_lifetime",
     "load_params",
     "format_validation_error",
     "section_dict",

@@ -30,6 +30,13 @@ class EpgEvalConfig(Frozen):
     """MAML's meta-trained policy (the maml stage's output), read when `methods` lists `maml`."""
     pretrained_policy: str = "models/maml/pretrained.pt"
     """The jointly pretrained policy (the maml stage's output), read when `methods` lists `pretrained`."""
+    lifetime_steps: PositiveInt | None = None
+    """Env steps of every evaluation lifetime, the one budget every method gets (the EPG methods train
+    for it; MAML and the pretrained policy sample and adapt within it). `null`: the evolved loss's own
+    lifetime (`evolve.inner.lifetime_steps`). Longer lifetimes test whether the evolved loss keeps
+    training past the lifetime it was evolved for, and give MAML room for full-length episodes (its
+    episodes take up to `maml.horizon` steps, `maml.rollouts_per_task` of them per sampling). A
+    multiple of the loss's `update_every`."""
     splits: list[HeldOutSplit] = Field(default=list(HELD_OUT_SPLITS), min_length=1)
     """Held-out task splits to evaluate on: `test` (training distribution) and/or `ood`."""
     max_tasks_per_split: PositiveInt = 16

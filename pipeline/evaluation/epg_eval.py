@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import EpgEvalConfig, InnerLoopConfig, LossNetConfig
+from ..config import EpgEvalConfig, InnerLoopConfig, LossNetConfig, evaluation_lifetime
 from ..devices import keep_freed_cpu_memory, resolve_device
 from ..epg.inner import LossSetting, run_lifetimes
 from ..epg.loss_net import initial_phi
@@ -75,10 +75,11 @@ class EpgEvaluation:
     """Every method's result per split (``splits[split][method]``), and what the lifetimes were."""
 
     family: str
-    env_steps_per_lifetime: int
+    env_steps_per_lifetime: int  # the evaluation budget (evaluate.epg.lifetime_steps)
     seeds: int
     tasks_per_split: dict[str, int]
     splits: dict[str, dict[str, MethodResult]]
+    evolved_lifetime_steps: int  # the lifetime the loss was evolved with
 
     def mean_return(self, split: str, method: str) -> float:
         """The method's mean final return on the split; nan where it was not evaluated."""
@@ -159,12 +160,15 @@ def evaluate_loss_curves(
     extra_losses: dict[str, torch.Tensor] | None = None,
 ) -> tuple[EpgEvaluation, dict[str, dict[str, LifetimeCurves]]]:
     """Final returns (with CIs) and learning curves per split and method, and every method's
-    per-lifetime curves per split (``curves[split][method]``, for the comparison with MAML).
+    per-lifetime curves per split (``curves[split][method]``, for the comparison with MAML). Every
+    lifetime runs for ``config.lifetime_steps`` env steps (the loss's own lifetime when null) with the
+    loss's inner loop otherwise unchanged.
 
     ``extra_losses`` adds more loss networks of the same architecture (e.g. the registry champion) to
     the batched call, evaluated on exactly the same lifetimes.
     """
-    inner = InnerLoopConfig(**{**loss["inner"], "fitness": "final_episodes"})
+    budget = evaluation_lifetime(config.lifetime_steps, InnerLoopConfig(**loss["inner"]))
+    inner = InnerLoopConfig(**{**loss["inner"], "fitness": "final_episodes", "lifetime_steps": budget})
     loss_net = LossNetConfig(**loss["loss_net"])
     device = resolve_device(config.device, "evaluate.epg.device")
     keep_freed_cpu_memory()  # the lifetimes reuse multi-MB activations on every update
@@ -191,6 +195,7 @@ def evaluate_loss_curves(
     evaluation = EpgEvaluation(
         family=loss["family"],
         env_steps_per_lifetime=inner.lifetime_steps,
+        evolved_lifetime_steps=int(loss["inner"]["lifetime_steps"]),
         seeds=config.seeds,
         tasks_per_split={
             split: min(len(splits[split]), config.max_tasks_per_split) for split in config.splits

@@ -75,6 +75,15 @@ CLAIMS = {
 }
 
 
+def _beyond_evolved_lifetime(epg) -> str:
+    if epg.evolved_lifetime_steps == epg.env_steps_per_lifetime:
+        return ""
+    return (
+        f" (the loss was evolved with {epg.evolved_lifetime_steps}-step lifetimes; "
+        "`evaluate.epg.lifetime_steps` sets the evaluation's)"
+    )
+
+
 def epg_section(epg, loss: dict) -> list[str]:
     """The post-training returns of the EPG methods (the loss networks, PPO and PG) per split."""
     lines = [
@@ -83,7 +92,8 @@ def epg_section(epg, loss: dict) -> list[str]:
         f"Loss `{loss.get('reference', '–')}` (registry version {loss.get('version', '–')}, family "
         f"`{epg.family}`, evolved for {loss.get('generations', '–')} generations, best center fitness "
         f"{_num(loss.get('fitness'))} at generation {loss.get('generation', '–')}). Each method trains "
-        f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair: "
+        f"fresh policies for {epg.env_steps_per_lifetime} env steps on every (task, seed) pair"
+        f"{_beyond_evolved_lifetime(epg)}: "
         f"{epg.seeds} seeds × "
         f"{', '.join(f'{n} {s}' for s, n in epg.tasks_per_split.items())} tasks. "
         "Returns are the mean of the post-training episodes; intervals are 95 % Student-t CIs over "
