@@ -31,11 +31,12 @@ repro: $(STAMP)
 	@if [ -n "$(PROFILE)" ]; then $(BIN)/python -m pipeline profile $(PROFILE); fi
 	$(BIN)/dvc repro
 
+# One pytest worker per core; a test file stays on one worker (its module fixtures are built once).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not e2e"
+	$(BIN)/python -m pytest -n auto --dist loadfile -m "not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

@@ -432,17 +432,16 @@ def test_a_longer_evaluation_lifetime_repeats_the_evolved_one_then_goes_on():
         "input_dim": tiny_phi(family, 1).shape[1],
     }
     splits = {"test": sample_tasks(family, "test", 2, 0)}
-    base = dict(seeds=1, methods=["evolved", "ppo"], splits=["test"], device="cpu")
+    base = dict(seeds=1, methods=["evolved"], max_tasks_per_split=1, splits=["test"], device="cpu")
     own, own_curves = evaluate_loss_curves(loss, splits, EpgEvalConfig(**base), seed=0)
     longer, longer_curves = evaluate_loss_curves(
         loss, splits, EpgEvalConfig(**base, lifetime_steps=192), seed=0
     )
     assert (own.env_steps_per_lifetime, own.evolved_lifetime_steps) == (96, 96)
     assert (longer.env_steps_per_lifetime, longer.evolved_lifetime_steps) == (192, 96)
-    for method in ("evolved", "ppo"):
-        short, long = own_curves["test"][method], longer_curves["test"][method]
-        assert long.env_steps == [0, 32, 64, 96, 128, 160]
-        torch.testing.assert_close(long.returns[:, :3], short.returns, rtol=0, atol=0, equal_nan=True)
+    short, long = own_curves["test"]["evolved"], longer_curves["test"]["evolved"]
+    assert long.env_steps == [0, 32, 64, 96, 128, 160]
+    torch.testing.assert_close(long.returns[:, :3], short.returns, rtol=0, atol=0, equal_nan=True)
     assert "evolved with 96-step lifetimes" in "\n".join(epg_section(longer, {}))
     assert "evolved with" not in "\n".join(epg_section(own, {}))
     with pytest.raises(ValueError, match=r"evaluate.epg.lifetime_steps \(100\) must be a multiple"):
