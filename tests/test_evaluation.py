@@ -366,16 +366,9 @@ def test_evaluate_library_compares_every_method_on_a_tiny_setting(tmp_path):
     from pipeline.envs.tasks import sample_tasks
     from pipeline.evaluation.adapt_eval import adapting_curves
     from pipeline.io import torch_save
-    from tests.epg_helpers import TINY_INNER, TINY_NET, tiny_phi
 
     family = "point_goal"  # 50-step episodes: the post-training episode is short
-    loss = {
-        "family": family,
-        "phi": tiny_phi(family, 1)[0],
-        "inner": {**TINY_INNER.model_dump(), "fitness_episodes": 1},
-        "loss_net": TINY_NET.model_dump(),
-        "input_dim": tiny_phi(family, 1).shape[1],
-    }
+    loss = tiny_loss(family)
     splits = {split: sample_tasks(family, split, 2, 0) for split in ("test", "ood")}
     config = EpgEvalConfig(
         seeds=2,
@@ -421,16 +414,9 @@ def test_a_longer_evaluation_lifetime_repeats_the_evolved_one_then_goes_on():
     from pipeline.config import EpgEvalConfig
     from pipeline.envs.tasks import sample_tasks
     from pipeline.evaluation.report import epg_section
-    from tests.epg_helpers import TINY_INNER, TINY_NET, tiny_phi
 
     family = "point_goal"
-    loss = {
-        "family": family,
-        "phi": tiny_phi(family, 1)[0],
-        "inner": {**TINY_INNER.model_dump(), "fitness_episodes": 1},
-        "loss_net": TINY_NET.model_dump(),
-        "input_dim": tiny_phi(family, 1).shape[1],
-    }
+    loss = tiny_loss(family)
     splits = {"test": sample_tasks(family, "test", 2, 0)}
     base = dict(seeds=1, methods=["evolved"], max_tasks_per_split=1, splits=["test"], device="cpu")
     own, own_curves = evaluate_loss_curves(loss, splits, EpgEvalConfig(**base), seed=0)
@@ -446,6 +432,20 @@ def test_a_longer_evaluation_lifetime_repeats_the_evolved_one_then_goes_on():
     assert "evolved with" not in "\n".join(epg_section(own, {}))
     with pytest.raises(ValueError, match=r"evaluate.epg.lifetime_steps \(100\) must be a multiple"):
         evaluate_loss_curves(loss, splits, EpgEvalConfig(**base, lifetime_steps=100), seed=0)
+
+
+def tiny_loss(family: str) -> dict:
+    """A loss file's content as the evolve stage writes it: a tiny loss network on 96-step lifetimes."""
+    from tests.epg_helpers import TINY_INNER, TINY_NET, tiny_phi
+
+    phi = tiny_phi(family, 1)
+    return {
+        "family": family,
+        "phi": phi[0],
+        "inner": {**TINY_INNER.model_dump(), "fitness_episodes": 1},
+        "loss_net": TINY_NET.model_dump(),
+        "input_dim": phi.shape[1],
+    }
 
 
 def maml_policy_file(family: str) -> dict:
