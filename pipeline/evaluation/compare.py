@@ -251,14 +251,14 @@ def claim_keeps_learning(
         evidence["MAML: end − K steps"] = paired(maml, end, maml, k, confidence)
     at_k = Cell.of(maml.at(k), confidence)
     if maml_ceiling is not None and at_k.mean >= CEILING_FRACTION * maml_ceiling:
-        numbers = _verdict(False, evidence).split(": ", 1)[1]
         return ClaimVerdict(
             "b",
             criterion,
             None,
             evidence,
             f"not checkable: MAML's return after K steps ({at_k.mean:.1f}) is at its ceiling "
-            f"({maml_ceiling:g}: the episodes' longest return), so it has no room to gain; {numbers}",
+            f"({maml_ceiling:g}: the episodes' longest return), so it has no room to gain; "
+            + _evidence_text(evidence),
         )
     reproduced = evidence["evolved: end − K steps"].above_zero() and not (
         evidence["MAML: K steps − 0 steps"].above_zero()
@@ -269,9 +269,12 @@ def claim_keeps_learning(
     return ClaimVerdict("b", criterion, reproduced, evidence, verdict)
 
 
+def _evidence_text(evidence: dict[str, Cell]) -> str:
+    return "; ".join(f"{name} {c.mean:.1f} [{c.low:.1f}, {c.high:.1f}]" for name, c in evidence.items())
+
+
 def _verdict(reproduced: bool, evidence: dict[str, Cell]) -> str:
-    numbers = "; ".join(f"{name} {c.mean:.1f} [{c.low:.1f}, {c.high:.1f}]" for name, c in evidence.items())
-    return f"{'reproduced' if reproduced else 'not reproduced'}: {numbers}"
+    return f"{'reproduced' if reproduced else 'not reproduced'}: {_evidence_text(evidence)}"
 
 
 def compare(
