@@ -67,7 +67,7 @@ def test_compare_table_quotes_the_committed_evaluation():
             stats = split["rows"][method]["returns"][column]
             quoted = parse_interval(cell)
             source = (stats["mean"], stats["low"], stats["high"])
-            for shown, value in zip(quoted, source):
+            for shown, value in zip(quoted, source, strict=True):
                 assert shown == round(value, 1), (
                     f"README {split_name} at {at}, {method}: shows {cell}, "
                     f"{COMPARE_JSON.relative_to(ROOT)} has {value:.3f}"
@@ -82,5 +82,5 @@ def test_compare_table_bolds_the_best_method():
     methods = [METHOD_COLUMNS[name] for name in header[2:]]
     for split_name, at, *cells in rows:
         split = comparison["splits"][SPLITS[split_name]]
-        bold = [method for method, cell in zip(methods, cells) if cell.startswith("**")]
+        bold = [method for method, cell in zip(methods, cells, strict=True) if cell.startswith("**")]
         assert bold == [split["best"][column_key(at, split["columns"])]], (split_name, at, bold)
