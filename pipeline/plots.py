@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +45,14 @@ def line_plot(
 ) -> Path:
     """One line per series; optional shaded bands (low, high) per series and horizontal references."""
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    _draw_lines(axis, series, bands, reference_lines)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    return _save(figure, target)
+
+
+def _draw_lines(axis, series, bands=None, reference_lines=None) -> None:
     for label, (x, y) in series.items():
         (line,) = axis.plot(x, y, label=label)
         if bands and label in bands:
@@ -52,13 +61,9 @@ def line_plot(
     for label, level in (reference_lines or {}).items():
         axis.axhline(level, linestyle="--", color="grey", linewidth=1)
         axis.annotate(label, (0.01, level), xycoords=("axes fraction", "data"), fontsize=8, color="grey")
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
     axis.grid(alpha=0.3)
     if series:
         axis.legend(fontsize=8)
-    return _save(figure, target)
 
 
 def bar_plot(
@@ -120,10 +125,39 @@ def seed_band(
 
 def band_plot(target: Path, curves: dict[str, list[tuple[list, list]]], **labels) -> Path:
     """One line per label (the mean over seeds) with a min-max band where there are several seeds."""
+    series, bands = _seed_series(curves)
+    return line_plot(target, series, bands=bands or None, **labels)
+
+
+def band_panels(target: Path, panels: Sequence[BandPanel], *, xlabel: str, title: str) -> Path:
+    """Side-by-side ``band_plot`` panels sharing the x axis (e.g. return, gamma and lambda vs frames)."""
+    if not panels:
+        raise ValueError(f"band_panels: no panels to draw into {target}")
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        series, bands = _seed_series(panel.curves)
+        _draw_lines(axis, series, bands, panel.reference_lines)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(panel.ylabel)
+    figure.suptitle(title)
+    return _save(figure, target)
+
+
+@dataclass(frozen=True)
+class BandPanel:
+    """One panel of ``band_panels``: ``curves[label]`` = [(x, y) per seed]."""
+
+    curves: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]]
+    ylabel: str
+    reference_lines: Mapping[str, float] | None = None
+
+
+def _seed_series(curves) -> tuple[dict, dict]:
+    """Mean line per label, and a min-max band for the labels with several seeds."""
     series, bands = {}, {}
     for label, per_seed in curves.items():
-        x, mean, low, high = seed_band(per_seed)
+        x, mean, low, high = seed_band(list(per_seed))
         series[label] = (x, mean)
         if len(per_seed) > 1:
             bands[label] = (low, high)
-    return line_plot(target, series, bands=bands or None, **labels)
+    return series, bands

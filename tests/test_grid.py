@@ -356,8 +356,10 @@ def test_evaluate_scores_every_cell_and_plots_a_band_per_variant(serial_grid, tm
         "pong: return during training",
         "pong: gamma during training",
         "pong: lambda during training",
+        "pong: training",
     }
     assert all(path.stat().st_size > 0 for path in figures.values())
+    assert figures["pong: training"].name == "training_pong.png"  # the README's one Pong figure
 
 
 def test_seed_band_over_curves_with_their_own_frames():
@@ -588,3 +590,19 @@ def test_grid_completes_from_the_checkpoint_of_a_killed_cell(two_node_cluster, t
     assert_same_agent(resumed.model, learner.net.state_dict())
     gamma_at = dict(zip(reference.history.update_frames, reference.history.gammas, strict=True))
     assert all(m["gamma"] == gamma_at[step] for step, m in logged[target.key]["steps"])  # resent too
+
+
+def test_band_panels_draws_one_panel_per_quantity_and_rejects_none(tmp_path):
+    from pipeline.plots import BandPanel, band_panels
+
+    two_seeds = {"{}": [([0, 10], [0.0, 1.0]), ([0, 10], [2.0, 3.0])]}
+    path = band_panels(
+        tmp_path / "t.png",
+        [BandPanel(two_seeds, "return", {"random": -20.7}), BandPanel(two_seeds, "gamma")],
+        xlabel="frames",
+        title="t",
+    )
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="no panels"):
+        band_panels(tmp_path / "u.png", [], xlabel="frames", title="u")
+    assert not (tmp_path / "u.png").exists()

@@ -10,7 +10,7 @@ from .. import registry, tracking
 from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
-from ..plots import band_plot, bar_plot, line_plot, smooth
+from ..plots import BandPanel, band_panels, band_plot, bar_plot, line_plot, smooth
 from .adapt_eval import adapting_curves
 from .atari_eval import AtariEvaluation, evaluate_agents
 from .compare import ADAPTING, Comparison, LifetimeCurves, compare, mean_cells
@@ -333,6 +333,7 @@ def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str,
         title="No-op-start evaluation",
     )
     for game in atari.games:
+        panels = []
         for kind, column, ylabel in (
             ("returns", "episode_return", "raw episode return (moving avg of 10)"),
             ("eta", "gamma", "gamma"),
@@ -341,13 +342,25 @@ def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str,
             curves = training_curves(paths.plots_dir / "metagrad", kind, game, column)
             if curves:
                 name = "return" if kind == "returns" else column
+                curves = {label(v): seeds for v, seeds in curves.items()}
                 figures[f"{game}: {name} during training"] = band_plot(
                     paths.reports_dir / f"{name}_{game}.png",
-                    {label(v): seeds for v, seeds in curves.items()},
+                    curves,
                     xlabel="frames",
                     ylabel=ylabel,
                     title=f"{game}: {name} vs frames, one line per variant, band over seeds",
                 )
+                scores = atari.reference_scores[game]
+                references = {"random": scores["random"], "human": scores["human"]}
+                panels.append(BandPanel(curves, ylabel, references if kind == "returns" else None))
+        if len(panels) == 3:  # the one figure of a game's training: return, gamma and lambda
+            seeds = max(len(per_seed) for per_seed in panels[0].curves.values())
+            figures[f"{game}: training"] = band_panels(
+                paths.reports_dir / f"training_{game}.png",
+                panels,
+                xlabel="frames",
+                title=f"{game}: one line per variant (mean over {seeds} seeds), band = min to max over seeds",
+            )
     return figures
 
 
