@@ -248,7 +248,7 @@ def cell_scores(mean: float, hns: float) -> AgentScore:
         gamma=0.99,
         lambda_=1.0,
         scores=[mean] * 3,
-        noops=[1, 2, 3],
+        start_frames=[1, 2, 3],
         lengths=[50] * 3,
     )
 
@@ -277,7 +277,7 @@ def test_atari_results_are_typed_and_serialise_to_the_former_layout():
     cell = learned.seeds["1"].to_dict()
     assert list(cell) == [
         *("mean_score", "ci_low", "ci_high", "hns", "train_frames", "gamma", "lambda"),
-        *("scores", "noops", "lengths"),
+        *("scores", "start_frames", "lengths"),
     ]
     assert cell["lambda"] == 1.0 and cell["scores"] == [-16.0] * 3
     row = learned.to_dict()

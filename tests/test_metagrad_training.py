@@ -352,7 +352,7 @@ def test_score_command_plays_trained_agents(trained, tmp_path, capsys):
     assert result["mean_score"] == pytest.approx(sum(result["scores"]) / 2)
     assert result["hns"] == pytest.approx((result["mean_score"] + 20.7) / (14.6 + 20.7))
     assert result["gamma"] == pytest.approx(trained.result.gamma)
-    assert all(1 <= n <= 30 for n in result["noops"])
+    assert all(1 <= n <= 30 for n in result["start_frames"])  # 1 + up to 29 no-op frames
     assert "pong/gamma_lambda/seed0: mean raw score" in capsys.readouterr().out
     seeds = json.loads(seeds_json.read_text())  # the shape of docs/results/pong_seeds.json
     assert seeds == {

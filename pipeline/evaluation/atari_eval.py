@@ -1,8 +1,14 @@
 """No-op-start Atari evaluation of the trained agents, human-normalised.
 
-Protocol (Mnih et al. 2015; IMPALA; meta-gradient RL): each episode starts with k ~ U{1..30} no-ops,
-then actions are sampled from the policy; episodes end at game over or at 108 000 frames; scores are
-raw (unclipped) game scores. All episodes of a game run in parallel in one vector env.
+Protocol (Mnih et al. 2015; IMPALA; meta-gradient RL): each episode starts with up to 30 no-op
+*frames*, then actions are sampled from the policy; episodes end at game over or at 108 000 frames;
+scores are raw (unclipped) game scores. All episodes of a game run in parallel in one vector env.
+
+The no-ops are ALE's own, one emulator frame each (k ~ U{0..noop_max-1}, drawn from the env's reset
+seed), as in training and in the papers' wrappers. No-ops of whole agent steps (4 frames each) would
+start every game at the same phase of the frameskip, which the agent keeps for the whole game: a Pong
+agent whose training games averaged +15.6 scored +10.0 that way against +14.0 with frame no-ops
+(docs/results.md, "Evaluation protocol").
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import AtariEnvConfig, AtariEvalConfig
-from ..envs.atari import AtariStepper, NoopStarts
+from ..envs.atari import make_vector_env
 from ..io import torch_load
 from ..nets.atari import AtariActorCritic
 from .stats import aggregate_hns, human_normalized, mean_ci
@@ -38,8 +44,8 @@ class AgentScore:
     train_frames: int
     gamma: float  # the agent's eta at the end of training
     lambda_: float  # "lambda" in the JSON
-    scores: list[float]  # per episode: raw score, no-ops at its start, length in agent steps
-    noops: list[int]
+    scores: list[float]  # per episode: raw score, the frame the policy first acted on, length in frames
+    start_frames: list[int]  # 1 + the episode's no-op frames
     lengths: list[int]
 
     def to_dict(self) -> dict:
@@ -145,33 +151,38 @@ def play_episodes(
     env_config: AtariEnvConfig,
     seed: int,
 ) -> dict:
-    """Play ``config.episodes`` no-op-start episodes in parallel; raw scores, no-op counts, lengths."""
+    """Play ``config.episodes`` no-op-start episodes in parallel, the first game of each env.
+
+    Returns per episode the raw score, the frame at which the policy first acted (1 + the no-op
+    frames ALE drew from the env's seed ``seed + i``) and the length in frames after the no-ops.
+    """
     episodes = config.episodes
-    # ALE's own no-op starts are off: ours are seeded and recorded.
-    stepper = AtariStepper(
-        game, episodes, env_config, seed=seed, noop_max=0, max_episode_frames=config.max_episode_frames
+    env = make_vector_env(
+        game, episodes, env_config, noop_max=config.noop_max, max_episode_frames=config.max_episode_frames
     )
-    noops = NoopStarts(episodes, config.noop_max, seed)
-    first_noops = noops.remaining.copy()
     generator = torch.Generator().manual_seed(seed)
     scores = np.full(episodes, np.nan)
     lengths = np.zeros(episodes, dtype=np.int64)
+    returns = np.zeros(episodes)
+    frames = np.zeros(episodes, dtype=np.int64)
     try:
-        obs = stepper.reset()
+        obs, info = env.reset(seed=seed + np.arange(episodes))
+        start_frames = info["episode_frame_number"].astype(np.int64)
         while np.isnan(scores).any():
             logits, _ = net(torch.from_numpy(obs), eta)
             actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
-            step = stepper.step(noops.apply(actions.numpy()))
-            ended = np.flatnonzero(step.game_over)
-            for slot, env_index in enumerate(ended):
-                if np.isnan(scores[env_index]):
-                    scores[env_index] = step.finished_returns[slot]
-                    lengths[env_index] = step.finished_lengths[slot]
-            noops.new_games(step.game_over)
-            obs = step.obs
+            obs, reward, terminated, truncated, _ = env.step(actions.numpy())
+            returns += reward
+            frames += env_config.frameskip
+            ended = np.logical_or(terminated, truncated)
+            first = ended & np.isnan(scores)  # later games of an env (auto-reset) are not scored
+            scores[first] = returns[first]
+            lengths[first] = frames[first]
+            returns[ended] = 0.0
+            frames[ended] = 0
     finally:
-        stepper.close()
-    return {"scores": scores.tolist(), "noops": first_noops.tolist(), "lengths": lengths.tolist()}
+        env.close()
+    return {"scores": scores.tolist(), "start_frames": start_frames.tolist(), "lengths": lengths.tolist()}
 
 
 def evaluate_agents(

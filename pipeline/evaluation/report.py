@@ -174,8 +174,9 @@ def atari_section(atari: dict) -> list[str]:
     lines = [
         "## Meta-gradient agents on Atari (no-op starts)",
         "",
-        "Raw game scores over no-op-start episodes (1–30 no-ops, 108 000-frame cap, actions sampled "
-        "from the policy); HNS = (agent − random) / (human − random) from the Atari-57 table. One agent "
+        "Raw game scores over no-op-start episodes (each begins after fewer than `evaluate.atari.noop_max` "
+        "no-op emulator frames, drawn from its seed; 108 000-frame cap; actions sampled from the "
+        "policy); HNS = (agent − random) / (human − random) from the Atari-57 table. One agent "
         "per training seed; every agent plays the same seeded episodes. Means and "
         f"{level} Student-t CIs are over training seeds (a single seed has no interval).",
         "",
