@@ -17,6 +17,13 @@ def test_frames_to_reach_is_the_end_of_the_first_window_whose_mean_passes():
     assert frames_to_reach([], [], 0.0) is None
 
 
+def test_an_episode_ending_on_a_window_boundary_belongs_to_the_window_it_closes():
+    # frame counts are taken after the step: a game ending at frame 2 000 ended inside (1000, 2000]
+    frames, returns = [1_500, 2_000], [0.0, 20.0]
+    assert frames_to_reach(frames, returns, 10.0, window_frames=1_000) == 2_000  # mean of both, 10
+    assert frames_to_reach(frames, returns, 18.0, window_frames=1_000) is None  # no lone 1-game window
+
+
 def test_frames_to_reach_skips_windows_without_episodes():
     # no episode ends in [1000, 2000): the next window with episodes decides
     assert frames_to_reach([500, 2_500], [-5.0, 15.0], 10.0, window_frames=1_000) == 3_000

@@ -22,12 +22,14 @@ def frames_to_reach(
     threshold: float,
     window_frames: int = WINDOW_FRAMES,
 ) -> int | None:
-    """The end frame of the first window ``[k W, (k + 1) W)`` whose finished episodes' mean return is
+    """The end frame of the first window ``(k W, (k + 1) W]`` whose finished episodes' mean return is
     at least ``threshold``; None if no window gets there.
 
-    An episode belongs to the window of the frame count at which it ended. Windows without a finished
-    episode are skipped (they have no mean). The last window may be partial: a run of 9.5 M frames has
-    a window [9 M, 10 M) with half a window of episodes, and its end is still reported as 10 M.
+    An episode belongs to the window of the frame count at which it ended: that count is taken after
+    the step that ended it, so the window closes on its right (a game ending on the last step of a
+    10 M-frame run, at frame 10 000 000, is in (9 M, 10 M], not alone in a window of its own). Windows
+    without a finished episode are skipped (they have no mean). The last window may be partial: a run
+    of 9.5 M frames has a window (9 M, 10 M] with half a window of episodes, reported as 10 M.
     """
     if len(episode_frames) != len(episode_returns):
         raise ValueError(
@@ -38,7 +40,7 @@ def frames_to_reach(
         raise ValueError(f"window_frames must be positive, got {window_frames}")
     sums: dict[int, list[float]] = {}
     for frame, value in zip(episode_frames, episode_returns, strict=True):
-        total = sums.setdefault(frame // window_frames, [0.0, 0])
+        total = sums.setdefault((frame - 1) // window_frames, [0.0, 0])
         total[0] += value
         total[1] += 1
     for window in sorted(sums):
