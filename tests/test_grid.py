@@ -28,7 +28,6 @@ from pipeline.io import torch_load
 from pipeline.metagrad import grid
 from pipeline.metagrad.grid import Cell, cell_config, grid_cells, run_grid, train_cell
 from pipeline.metagrad.train import train_variant
-from pipeline.plots import seed_band
 from pipeline.seeding import variant_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,13 +361,6 @@ def test_evaluate_scores_every_cell_and_plots_a_band_per_variant(serial_grid, tm
     assert figures["pong: training"].name == "training_pong.png"  # the README's one Pong figure
 
 
-def test_seed_band_over_curves_with_their_own_frames():
-    x, mean, low, high = seed_band([([0, 10], [0.0, 10.0]), ([0, 5, 10], [2.0, 2.0, 2.0])], points=3)
-    assert x == [0.0, 5.0, 10.0]
-    assert mean == [1.0, 3.5, 6.0] and low == [0.0, 2.0, 2.0] and high == [2.0, 5.0, 10.0]
-    assert seed_band([([1, 2], [3.0, 4.0])]) == ([1.0, 2.0], [3.0, 4.0], [3.0, 4.0], [3.0, 4.0])
-
-
 # --------------------------------------------------------------------------------------------- Ray cluster
 # A throwaway cluster on loopback, without token authentication, as the test process (conftest.py).
 LOOPBACK_CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled"}
@@ -590,19 +582,3 @@ def test_grid_completes_from_the_checkpoint_of_a_killed_cell(two_node_cluster, t
     assert_same_agent(resumed.model, learner.net.state_dict())
     gamma_at = dict(zip(reference.history.update_frames, reference.history.gammas, strict=True))
     assert all(m["gamma"] == gamma_at[step] for step, m in logged[target.key]["steps"])  # resent too
-
-
-def test_band_panels_draws_one_panel_per_quantity_and_rejects_none(tmp_path):
-    from pipeline.plots import BandPanel, band_panels
-
-    two_seeds = {"{}": [([0, 10], [0.0, 1.0]), ([0, 10], [2.0, 3.0])]}
-    path = band_panels(
-        tmp_path / "t.png",
-        [BandPanel(two_seeds, "return", {"random": -20.7}), BandPanel(two_seeds, "gamma")],
-        xlabel="frames",
-        title="t",
-    )
-    assert path.stat().st_size > 0
-    with pytest.raises(ValueError, match="no panels"):
-        band_panels(tmp_path / "u.png", [], xlabel="frames", title="u")
-    assert not (tmp_path / "u.png").exists()

@@ -333,6 +333,8 @@ def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str,
         title="No-op-start evaluation",
     )
     for game in atari.games:
+        scores = atari.reference_scores[game]
+        references = {"random": scores["random"], "human": scores["human"]}  # on the return panel
         panels = []
         for kind, column, ylabel in (
             ("returns", "episode_return", "raw episode return (moving avg of 10)"),
@@ -350,8 +352,6 @@ def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str,
                     ylabel=ylabel,
                     title=f"{game}: {name} vs frames, one line per variant, band over seeds",
                 )
-                scores = atari.reference_scores[game]
-                references = {"random": scores["random"], "human": scores["human"]}
                 panels.append(BandPanel(curves, ylabel, references if kind == "returns" else None))
         if len(panels) == 3:  # the one figure of a game's training: return, gamma and lambda
             seeds = max(len(per_seed) for per_seed in panels[0].curves.values())
