@@ -260,26 +260,8 @@ def cmd_score(args) -> int:
     if args.seeds_json:
         if len(results.games) != 1:
             return _fail(f"--seeds-json takes agents of one game; {models} has {', '.join(results.games)}")
-        print(write_json(Path(args.seeds_json), per_seed_scores(next(iter(results.games.values())))))
+        print(write_json(Path(args.seeds_json), results.per_seed_scores(next(iter(results.games)))))
     return 0
-
-
-def per_seed_scores(variants: dict) -> dict:
-    """``{variant: {seed: {mean, ci_low, ci_high, episodes, frames}}}`` of one game's score results:
-    the shape of ``docs/results/pong_seeds.json``."""
-    return {
-        variant: {
-            str(seed): {
-                "mean": r.mean_score,
-                "ci_low": r.ci_low,
-                "ci_high": r.ci_high,
-                "episodes": len(r.scores),
-                "frames": r.train_frames,
-            }
-            for seed, r in row.seeds.items()
-        }
-        for variant, row in variants.items()
-    }
 
 
 def agents_problem(agents: dict[str, dict[str, dict[int, Path]]], scored_games) -> str | None:

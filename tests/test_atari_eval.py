@@ -1,9 +1,12 @@
 """The no-op-start evaluation protocol of ``pipeline/evaluation/atari_eval.py``."""
 
+import logging
+
 import numpy as np
 import torch
 
 from pipeline.config import AtariEnvConfig, AtariEvalConfig
+from pipeline.evaluation import atari_eval
 from pipeline.evaluation.atari_eval import play_episodes
 from pipeline.nets.atari import AtariActorCritic
 
@@ -37,3 +40,13 @@ def test_every_env_scores_its_first_game_only():
     assert all(-21 <= score <= 0 for score in played["scores"])  # a random agent scores no point
     # truncated at max_episode_frames, counted from the policy's first frame: 200 frames = 50 steps
     assert all(length == 200 for length in played["lengths"])
+
+
+def test_long_evaluations_log_their_progress(monkeypatch, caplog):
+    monkeypatch.setattr(atari_eval, "PROGRESS_LOG_SECONDS", 0.0)  # a line after every step
+    net, eta = random_agent()
+    with caplog.at_level(logging.INFO, logger=atari_eval.__name__):
+        play_episodes(net, eta, "pong", SHORT, ENV, seed=0)
+    lines = [r.getMessage() for r in caplog.records if "episodes ended" in r.getMessage()]
+    assert lines[0] == "pong: 0/12 episodes ended, the longest running at 4 frames"
+    assert lines[-1] == "pong: 12/12 episodes ended, the longest running at 0 frames"

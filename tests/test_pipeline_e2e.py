@@ -167,6 +167,12 @@ def test_evaluate_metrics_hold_returns_cis_scores_and_hns(project):
         assert row["hns"] == pytest.approx((row["mean_score"] + 20.7) / (14.6 + 20.7))
         assert variant in metrics["median_hns"]
     assert metrics["promotion"]["promoted"] is True  # the first loss has no champion to beat
+    seeds = json.loads((root / "reports/seeds_pong.json").read_text())  # the README table's source
+    episodes = json.loads((root / "reports/atari_scores.json").read_text())["games"]["pong"]
+    for variant in ("impala", "gamma_lambda"):
+        cell = seeds[variant]["0"]  # one training seed: the variant's mean is that agent's mean
+        assert cell["mean"] == metrics["atari"]["pong"][variant]["mean_score"]
+        assert cell["episodes"] == len(episodes[variant]["seeds"]["0"]["scores"])
     report = (root / "reports/report.md").read_text()
     assert "Median human-normalised score" in report and metrics["mlflow_run_id"] in report
 

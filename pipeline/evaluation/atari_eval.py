@@ -14,11 +14,13 @@ agent whose training games averaged +15.6 scored +10.0 that way against +14.0 wi
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..config import AtariEnvConfig, AtariEvalConfig
 from ..envs.atari import make_vector_env
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 # Median human-normalised scores over 57 games after 200M frames, no-op starts, gamma_bar = 0.99
 # (Xu, van Hasselt & Silver 2018, Table 1). Reference values only: not produced by this pipeline.
 PAPER_MEDIAN_HNS = {"impala": 191.8, "lambda": 185.5, "gamma": 280.9, "gamma_lambda": 242.6}
+# A trained Pong agent's 30 episodes take minutes on a laptop core: say how far they are this often
+# (the tqdm bar only shows on a terminal; logs and DVC's output get these lines).
+PROGRESS_LOG_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,23 @@ class AtariEvaluation:
             "confidence": self.confidence,
         }
 
+    def per_seed_scores(self, game: str) -> dict:
+        """``{variant: {seed: {mean, ci_low, ci_high, episodes, frames}}}`` of one game: the shape of
+        ``docs/results/pong_seeds.json`` (the evaluate stage's ``reports/seeds_<game>.json``)."""
+        return {
+            variant: {
+                seed: {
+                    "mean": cell.mean_score,
+                    "ci_low": cell.ci_low,
+                    "ci_high": cell.ci_high,
+                    "episodes": len(cell.scores),
+                    "frames": cell.train_frames,
+                }
+                for seed, cell in summary.seeds.items()
+            }
+            for variant, summary in self.games[game].items()
+        }
+
 
 def _json_names(data: dict) -> dict:
     """``lambda_`` (a Python keyword otherwise) is "lambda" in the JSON; the key order is kept."""
@@ -165,6 +187,8 @@ def play_episodes(
     lengths = np.zeros(episodes, dtype=np.int64)
     returns = np.zeros(episodes)
     frames = np.zeros(episodes, dtype=np.int64)
+    progress = tqdm(total=episodes, desc=f"{game} no-op episodes", unit="episode", disable=None)
+    last_log = time.monotonic()
     try:
         obs, info = env.reset(seed=seed + np.arange(episodes))
         start_frames = info["episode_frame_number"].astype(np.int64)
@@ -180,7 +204,18 @@ def play_episodes(
             lengths[first] = frames[first]
             returns[ended] = 0.0
             frames[ended] = 0
+            progress.update(int(first.sum()))
+            if time.monotonic() - last_log >= PROGRESS_LOG_SECONDS:
+                last_log = time.monotonic()
+                log.info(
+                    "%s: %d/%d episodes ended, the longest running at %d frames",
+                    game,
+                    int(np.isfinite(scores).sum()),  # not progress.n: a disabled bar does not count
+                    episodes,
+                    frames.max(),
+                )
     finally:
+        progress.close()
         env.close()
     return {"scores": scores.tolist(), "start_frames": start_frames.tolist(), "lengths": lengths.tolist()}
 

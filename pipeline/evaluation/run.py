@@ -128,6 +128,8 @@ def run_evaluate(config: PipelineConfig, paths: EvaluatePaths) -> dict:
                 agents, read_json(paths.scores), cfg.atari, config.seed, cfg.epg.confidence
             )
         # ------------------------------------------------------------ outputs
+        if results.get("atari"):
+            write_atari_scores(results["atari"], paths.reports_dir, config.seed)
         figures = write_plots(results, paths)
         results["figures"] = {
             title: path.relative_to(paths.reports_dir).as_posix() for title, path in figures.items()
@@ -298,6 +300,14 @@ def report_input(results: dict) -> dict:
     """``results`` as the report reads them: the Atari part in its JSON layout."""
     atari = results.get("atari")
     return {**results, "atari": atari.to_dict()} if atari else results
+
+
+def write_atari_scores(atari: AtariEvaluation, reports: Path, seed: int) -> None:
+    """``atari_scores.json``: every agent's episodes (the layout of ``python -m pipeline score --out``);
+    ``seeds_<game>.json``: each agent's mean score and CI, the source of the README's Pong table."""
+    write_json(reports / "atari_scores.json", {**atari.to_dict(), "seed": seed})
+    for game in atari.games:
+        write_json(reports / f"seeds_{game}.json", atari.per_seed_scores(game))
 
 
 def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str, Path]:
