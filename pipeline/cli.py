@@ -236,6 +236,8 @@ def cmd_score(args) -> int:
     from .io import write_json
     from .prepare import atari_score_table
 
+    if args.seeds_json and args.temperature != 1.0:
+        return _fail("--seeds-json holds the protocol's scores (temperature 1); drop --temperature")
     models = Path(args.models)
     agents = discover_agents(models)
     if not agents:
@@ -245,7 +247,7 @@ def cmd_score(args) -> int:
     if problem:
         return _fail(problem)
     config = AtariEvalConfig(episodes=args.episodes)
-    results = evaluate_agents(agents, table, config, args.seed, args.confidence)
+    results = evaluate_agents(agents, table, config, args.seed, args.confidence, args.temperature)
     for game, variants in results.games.items():
         for variant, row in variants.items():
             for seed, r in row.seeds.items():
@@ -256,7 +258,13 @@ def cmd_score(args) -> int:
                     f"trained {r.train_frames} frames, gamma {r.gamma:.5f}, lambda {r.lambda_:.5f}"
                 )
     if args.out:
-        print(write_json(Path(args.out), {**results.to_dict(), "models": str(models), "seed": args.seed}))
+        record = {
+            **results.to_dict(),
+            "models": str(models),
+            "seed": args.seed,
+            "temperature": args.temperature,
+        }
+        print(write_json(Path(args.out), record))
     if args.seeds_json:
         if len(results.games) != 1:
             return _fail(f"--seeds-json takes agents of one game; {models} has {', '.join(results.games)}")
@@ -288,6 +296,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
@@ -355,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--episodes", type=positive_int, default=30, help="episodes per agent (default 30)")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--confidence", type=probability, default=0.95, help="of the intervals (default 0.95)")
+    score.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=1.0,
+        help="sample from softmax(logits / T): 1 (default) is the protocol; e.g. 0.01 plays nearly the most "
+        "likely action, a diagnostic of what the policy's own randomness costs",
+    )
     score.add_argument("--out", help="also write the full results (every episode) as JSON here")
     score.add_argument(
         "--seeds-json",

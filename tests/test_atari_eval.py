@@ -3,11 +3,12 @@
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.config import AtariEnvConfig, AtariEvalConfig
 from pipeline.evaluation import atari_eval
-from pipeline.evaluation.atari_eval import play_episodes
+from pipeline.evaluation.atari_eval import play_episodes, sample_actions
 from pipeline.nets.atari import AtariActorCritic
 
 ENV = AtariEnvConfig(env_threads=1)
@@ -50,3 +51,15 @@ def test_long_evaluations_log_their_progress(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if "episodes ended" in r.getMessage()]
     assert lines[0] == "pong: 0/12 episodes ended, the longest running at 4 frames"
     assert lines[-1] == "pong: 12/12 episodes ended, the longest running at 0 frames"
+
+
+def test_actions_sample_the_policy_and_a_small_temperature_plays_its_most_likely_action():
+    logits = torch.randn(256, 6, generator=torch.Generator().manual_seed(0))
+    sampled = sample_actions(logits, 1.0, torch.Generator().manual_seed(1))
+    expected = torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, expected.squeeze(-1))
+    assert not torch.equal(sampled, logits.argmax(-1))  # the protocol samples: not the argmax
+    sharp = sample_actions(logits, 1e-4, torch.Generator().manual_seed(1))
+    assert torch.equal(sharp, logits.argmax(-1))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_actions(logits, 0.0, torch.Generator())

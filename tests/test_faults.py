@@ -431,3 +431,14 @@ def test_score_names_a_file_that_is_not_an_agent(tmp_path, capsys):
     assert one_line(capsys.readouterr().err).startswith(
         f"error: {tmp_path / 'pong' / 'impala' / 'seed0.pt'} is not a trained agent"
     )
+
+
+def test_score_rejects_a_diagnostic_temperature_for_the_seed_table(tmp_path, capsys):
+    args = ["score", str(tmp_path), "--temperature", "0.01", "--seeds-json", str(tmp_path / "s.json")]
+    assert cli.main(args) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "error: --seeds-json holds the protocol's scores (temperature 1); drop --temperature"
+    )
+    with pytest.raises(SystemExit):  # argparse: "--temperature: must be > 0, got 0.0"
+        cli.main(["score", str(tmp_path), "--temperature", "0"])
+    assert "must be > 0, got 0.0" in capsys.readouterr().err

@@ -164,6 +164,16 @@ def load_agent(path: Path) -> tuple[AtariActorCritic, torch.Tensor, dict]:
     return net, torch.tensor(checkpoint["eta"], dtype=torch.float32), checkpoint
 
 
+def sample_actions(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Actions ``[B]`` drawn from ``softmax(logits / temperature)``: 1 is the policy itself (the
+    protocol); a small temperature approaches its most likely action, a diagnostic of how much the
+    policy's own randomness costs, never the reported score."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (1 samples the policy itself), got {temperature}")
+    probs = torch.softmax(logits / temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
 def play_episodes(
     net: AtariActorCritic,
@@ -172,8 +182,10 @@ def play_episodes(
     config: AtariEvalConfig,
     env_config: AtariEnvConfig,
     seed: int,
+    temperature: float = 1.0,
 ) -> dict:
-    """Play ``config.episodes`` no-op-start episodes in parallel, the first game of each env.
+    """Play ``config.episodes`` no-op-start episodes in parallel, the first game of each env, with
+    actions sampled from the policy (``temperature``: see ``sample_actions``).
 
     Returns per episode the raw score, the frame at which the policy first acted (1 + the no-op
     frames ALE drew from the env's seed ``seed + i``) and the length in frames after the no-ops.
@@ -194,7 +206,7 @@ def play_episodes(
         start_frames = info["episode_frame_number"].astype(np.int64)
         while np.isnan(scores).any():
             logits, _ = net(torch.from_numpy(obs), eta)
-            actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            actions = sample_actions(logits, temperature, generator)
             obs, reward, terminated, truncated, _ = env.step(actions.numpy())
             returns += reward
             frames += env_config.frameskip
@@ -226,6 +238,7 @@ def evaluate_agents(
     config: AtariEvalConfig,
     seed: int,
     confidence: float,
+    temperature: float = 1.0,
 ) -> AtariEvaluation:
     """``model_paths[game][variant][training seed]`` -> scores per cell, per (game, variant) over seeds,
     paired differences with the baseline, and the median HNS over games per variant.
@@ -244,7 +257,7 @@ def evaluate_agents(
         per_game[game] = {}
         for variant, seeds in variants.items():
             cells = {
-                train_seed: score_agent(path, game, config, seed, confidence, reference)
+                train_seed: score_agent(path, game, config, seed, confidence, reference, temperature)
                 for train_seed, path in seeds.items()
             }
             per_game[game][variant] = summarize_seeds(cells, confidence)
@@ -264,13 +277,19 @@ def evaluate_agents(
 
 
 def score_agent(
-    path: Path, game: str, config: AtariEvalConfig, seed: int, confidence: float, reference: dict
+    path: Path,
+    game: str,
+    config: AtariEvalConfig,
+    seed: int,
+    confidence: float,
+    reference: dict,
+    temperature: float = 1.0,
 ) -> AgentScore:
     """One cell's agent: its no-op-start episodes, mean raw score with a CI over episodes, HNS."""
     net, eta, checkpoint = load_agent(path)
     env_config = AtariEnvConfig(**checkpoint["metagrad_config"]["env"])  # as the agent was trained
     log.info("%s: %d no-op episodes", path, config.episodes)
-    played = play_episodes(net, eta, game, config, env_config, seed)
+    played = play_episodes(net, eta, game, config, env_config, seed, temperature)
     interval = mean_ci(played["scores"], confidence)
     return AgentScore(
         mean_score=interval.mean,
