@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import AtariEnvConfig, check_game
-from pipeline.envs.atari import AtariStepper, NoopStarts, ReplayMismatch
+from pipeline.envs.atari import AtariStepper, ReplayMismatch
 
 # One C++ worker thread per vector env: the tests are small, and the machine may be busy.
 ENV = AtariEnvConfig(env_threads=1)
@@ -173,56 +173,6 @@ def test_restore_refuses_frames_it_cannot_reproduce(make_stepper):
     state["actions"] = np.roll(state["actions"], 1, axis=0)  # not the actions that made the frames
     with pytest.raises(ReplayMismatch, match="did not reproduce"):
         make_stepper("breakout", 2).restore(state)
-
-
-# --------------------------------------------------------------------------------------------- NoopStarts
-def test_noop_counts_are_in_range_and_seeded():
-    starts = NoopStarts(2000, noop_max=30, seed=0)
-    counts = starts.remaining
-    assert counts.min() == 1 and counts.max() == 30  # U{1, ..., noop_max}, both ends reachable
-    assert list(counts) == starts.history
-    np.testing.assert_array_equal(NoopStarts(2000, 30, seed=0).remaining, counts)
-    assert not np.array_equal(NoopStarts(2000, 30, seed=1).remaining, counts)
-
-
-def test_noop_max_must_be_positive():
-    with pytest.raises(ValueError, match="noop_max"):
-        NoopStarts(2, noop_max=0, seed=0)
-
-
-def test_apply_replaces_actions_with_noop_while_noops_remain():
-    starts = NoopStarts(4, noop_max=6, seed=5)
-    counts = starts.remaining.copy()
-    policy = np.array([1, 2, 3, 4])
-    for step in range(counts.max() + 3):
-        actions = starts.apply(policy)
-        expected = np.where(step < counts, 0, policy)
-        np.testing.assert_array_equal(actions, expected, err_msg=f"step {step}")
-    np.testing.assert_array_equal(starts.remaining, 0)
-
-
-def test_new_games_draw_fresh_counts_only_for_finished_envs():
-    noop_max, seed = 8, 11
-    starts = NoopStarts(3, noop_max=noop_max, seed=seed)
-    reference = np.random.default_rng(seed)
-    initial = reference.integers(1, noop_max + 1, size=3)
-    np.testing.assert_array_equal(starts.remaining, initial)
-
-    for _ in range(noop_max):
-        starts.apply(np.array([5, 5, 5]))
-    np.testing.assert_array_equal(starts.remaining, 0)
-
-    starts.new_games(np.array([False, False, False]))
-    np.testing.assert_array_equal(starts.remaining, 0)
-    assert len(starts.history) == 3
-
-    starts.new_games(np.array([True, False, True]))
-    fresh = reference.integers(1, noop_max + 1, size=2)  # the next two draws of the same stream
-    np.testing.assert_array_equal(starts.remaining, [fresh[0], 0, fresh[1]])
-    assert starts.history == [*initial.tolist(), *fresh.tolist()]
-    # only the restarted envs take no-ops again
-    actions = starts.apply(np.array([5, 6, 7]))
-    np.testing.assert_array_equal(actions, [0, 6, 0])
 
 
 # --------------------------------------------------------------------------------------------- game names

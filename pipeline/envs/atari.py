@@ -241,35 +241,3 @@ class AtariStepper:
 
     def close(self) -> None:
         self.env.close()
-
-
-class NoopStarts:
-    """The evaluation protocol's no-op starts, done here (not inside ALE) so they are seeded and visible.
-
-    Each new game begins with k ~ U{1, ..., noop_max} NOOP actions (action 0) before the policy acts.
-    """
-
-    def __init__(self, num_envs: int, noop_max: int, seed: int):
-        if noop_max < 1:
-            raise ValueError(f"noop_max must be >= 1, got {noop_max}")
-        self.noop_max = noop_max
-        self.rng = np.random.default_rng(seed)
-        self.remaining = self.draw(num_envs)
-        self.history: list[int] = list(self.remaining)
-
-    def draw(self, n: int) -> np.ndarray:
-        return self.rng.integers(1, self.noop_max + 1, size=n)
-
-    def apply(self, policy_actions: np.ndarray) -> np.ndarray:
-        """Replace the policy's action by NOOP where an env still owes no-ops; count them down."""
-        owes = self.remaining > 0
-        actions = np.where(owes, 0, policy_actions)
-        self.remaining = np.where(owes, self.remaining - 1, 0)
-        return actions
-
-    def new_games(self, game_over: np.ndarray) -> None:
-        count = int(game_over.sum())
-        if count:
-            fresh = self.draw(count)
-            self.remaining[game_over] = fresh
-            self.history.extend(int(k) for k in fresh)
