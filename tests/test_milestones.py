@@ -39,10 +39,13 @@ def test_frames_to_reach_rejects_bad_input():
 def test_settle_frame_is_where_the_value_enters_its_final_band_for_good():
     frames = [10, 20, 30, 40, 50, 60]
     values = [0.99, 0.95, 0.90, 0.905, 0.899, 0.90]
-    # travel 0.09 -> band max(1e-3, 0.05 * 0.09 = 0.0045); final 0.90: 0.905 is out (0.005), 0.899 in
+    # travel 0.09 -> band max(1e-5, 0.05 * 0.09 = 0.0045); final 0.90: 0.905 is out (0.005), 0.899 in
     assert settle_frame(frames, values) == 50
     assert settle_frame(frames, values, relative_band=0.1) == 30  # band 0.009: 0.90, 0.905 in; 0.95 out
     assert settle_frame([10, 20], [0.99, 0.99]) == 10  # a fixed parameter settles at once
+    # a meta-learned gamma that travels only 1.2e-3 (band 6e-5) is still drifting, not settled at once
+    drifting = [0.9900, 0.9895, 0.9890, 0.98885, 0.98882, 0.9888]
+    assert settle_frame(frames, drifting) == 40  # a 1e-3 floor would say 20
     assert settle_frame([], []) is None
     with pytest.raises(ValueError, match="differ in length"):
         settle_frame([1], [])

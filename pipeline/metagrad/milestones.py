@@ -54,13 +54,16 @@ def settle_frame(
     update_frames: Sequence[int],
     values: Sequence[float],
     relative_band: float = 0.05,
-    absolute_band: float = 1e-3,
+    absolute_band: float = 1e-5,
 ) -> int | None:
     """The first update frame after which the value stays within a band around its final value.
 
     band = max(``absolute_band``, ``relative_band`` × (max − min of the values over the run)): a
     parameter that moved far settles when it stays within 5 % of its travel of where it ended; one that
     hardly moved (the {} baseline's fixed gamma) settles at its first update. None for an empty history.
+    The absolute floor is only float noise: a meta-learned gamma near 0.99 may travel ~1e-3 in total,
+    and that is a 10 % change of its horizon 1 / (1 - gamma), so a coarser floor would call it settled
+    at once. A value that settles in the last few updates is still moving when the run ends.
     """
     if len(update_frames) != len(values):
         raise ValueError(f"update_frames ({len(update_frames)}) and values ({len(values)}) differ in length")
