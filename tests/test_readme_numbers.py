@@ -90,17 +90,18 @@ def signed(text: str) -> float:
     return float(text.replace("**", "").replace("+", "").replace("−", "-"))
 
 
-PONG_PROFILES = {"0.01": "pong_entropy0.01", "0.003": "pong_entropy0.003"}
+# the phrase that follows a profile's scores in the README -> its results folder
+PONG_PROFILES = {"with entropy cost 0.01": "pong_entropy0.01", "with 0.003": "pong_entropy0.003"}
 
 
 def test_pong_paragraph_quotes_each_profiles_committed_seed_scores():
     """'+14.00, +13.67, **+4.50** on seeds 0–2 with entropy cost 0.01': each profile's three {} scores, in
     seed order, are its committed ``pong_seeds.json``."""
     paragraph = next(p for p in README.read_text().split("\n\n") if p.startswith("Pong (learn profile"))
-    for entropy, folder in PONG_PROFILES.items():
+    for phrase, folder in PONG_PROFILES.items():
         seeds = json.loads((ROOT / "docs" / "results" / folder / "pong_seeds.json").read_text())["impala"]
         assert folder in paragraph
         expected = [round(seeds[s]["mean"], 2) for s in sorted(seeds, key=int)]
-        before = paragraph.split(f"with entropy cost {entropy}" if entropy == "0.01" else f"with {entropy}")[0]
+        before = paragraph.split(phrase)[0]
         quoted = [signed(x) for x in re.findall(r"(?:\*\*)?[+−-]\d+\.\d\d(?:\*\*)?", before)[-3:]]
-        assert quoted == expected, (entropy, quoted, expected)
+        assert quoted == expected, (phrase, quoted, expected)
