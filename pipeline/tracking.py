@@ -131,8 +131,53 @@ def client(root: Path | None = None, budget_s: float | None = None):
 
     uri = tracking_uri(root)
     _mlflow(root)
+    budget = connect_budget_s() if budget_s is None else budget_s
+    _create_sqlite_schema_once(uri, budget)
     raw = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    return Retrying(raw, connect_budget_s() if budget_s is None else budget_s)
+    return Retrying(raw, budget)
+
+
+_schema_ready: set[str] = set()
+
+
+def _create_sqlite_schema_once(uri: str, budget_s: float) -> None:
+    """Let one process at a time open a SQLite store for the first time.
+
+    MLflow creates and migrates the schema when it first opens a database; two processes doing that
+    on the same new file (two stages or screen runs started together on a fresh checkout) both run the
+    migrations and one dies on ``duplicate column name``. A file lock beside the database serialises
+    that first open; once this process has opened the store, later clients skip the lock.
+    """
+    target = sqlite_target(uri)
+    if target is None or uri in _schema_ready:
+        return
+    from filelock import FileLock, Timeout
+    from mlflow import MlflowClient
+
+    path = target[0]
+    if not path.parent.is_dir():
+        return  # check_store names the missing folder
+    lock = FileLock(f"{path}.lock")
+
+    def first_open():  # the constructor opens (and migrates) the store: only under the lock
+        call(
+            lambda: MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1),
+            budget_s=budget_s,
+        )
+
+    try:
+        lock.acquire(timeout=max(budget_s, 1.0))
+    except Timeout:
+        cause = f"another process held {lock.lock_file} for {budget_s:g} s"
+        raise unavailable(cause, transient=True) from None
+    except OSError:  # a read-only folder: nothing can migrate there; check_store says what is wrong
+        first_open()
+        return
+    try:
+        first_open()
+    finally:
+        lock.release()
+    _schema_ready.add(uri)
 
 
 def sqlite_target(uri: str) -> tuple[Path, str] | None:

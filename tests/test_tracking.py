@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -385,3 +388,39 @@ def test_parse_model_uri_accepts_alias_and_version(uri, expected):
 def test_parse_model_uri_rejects_bad_input(uri, message):
     with pytest.raises(ValueError, match=message):
         parse_model_uri(uri)
+
+
+_OPEN_WHEN_TOLD = """
+import sys, time
+from pathlib import Path
+from pipeline import tracking
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.01)
+tracking.check_store()
+"""
+
+
+def test_two_processes_creating_a_fresh_store_at_once_both_succeed(tmp_path):
+    """MLflow migrates a new SQLite file when it first opens it; two stages starting together on a
+    fresh checkout both ran the migrations and one died on 'duplicate column name' (seen when two
+    screen cells were started at once). Both imports finish first, then a file starts both opens."""
+    (tmp_path / "dvc.yaml").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_WHEN_TOLD, str(go)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(6)  # importing pipeline.tracking and mlflow takes a few seconds per process
+    go.touch()
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(outputs)
+    assert (tmp_path / "mlflow.db").is_file()
