@@ -1,8 +1,11 @@
 """Frames to reach a return and the settling frame of gamma/lambda, against numbers worked out by hand."""
 
+import random
+
 import pytest
 
-from pipeline.metagrad.milestones import cell_milestones, frames_to_reach, settle_frame
+from pipeline.metagrad.milestones import cell_milestones, frames_to_reach, settle_frame, window_means
+from pipeline.metagrad.run import csv_histories, write_cell_curves
 from pipeline.metagrad.train import History
 
 
@@ -65,3 +68,51 @@ def test_cell_milestones_collects_both():
     assert (m.gamma_final, m.gamma_settled_at) == (0.98, 2_000)
     assert (m.lambda_final, m.lambda_settled_at) == (0.99, 1_000)
     assert m.to_dict()["frames_to_return"]["10"] == 2_000_000
+
+
+def slow_window_means(frames, returns, window):
+    """The obvious loop: for each window (k W, (k + 1) W], the mean of the games that ended in it."""
+    last = max(((f - 1) // window for f in frames), default=-1)
+    means = []
+    for k in range(last + 1):
+        inside = [r for f, r in zip(frames, returns, strict=True) if k * window < f <= (k + 1) * window]
+        means.append(sum(inside) / len(inside) if inside else None)
+    return means
+
+
+def test_window_means_against_the_obvious_loop_and_by_hand():
+    assert window_means([100, 900, 2_500, 2_900], [-21.0, 0.0, 9.0, 12.0], 1_000) == [-10.5, None, 10.5]
+    assert window_means([1_000, 1_001], [1.0, 3.0], 1_000) == [1.0, 3.0]  # 1 000 closes (0, 1 000]
+    assert window_means([], []) == []
+    rng = random.Random(0)
+    for _ in range(50):
+        frames = sorted(rng.randrange(1, 20_000) for _ in range(rng.randrange(0, 40)))
+        returns = [float(rng.randrange(-21, 22)) for _ in frames]
+        assert window_means(frames, returns, 1_000) == pytest.approx(
+            slow_window_means(frames, returns, 1_000)
+        )
+    with pytest.raises(ValueError, match="differ in length"):
+        window_means([1], [])
+
+
+def test_cell_milestones_hold_the_training_curve_per_million_frames():
+    history = History(episode_frames=[400_000, 2_600_000], episode_returns=[-20.0, 5.0])
+    assert cell_milestones(history).return_per_million_frames == [-20.0, None, 5.0]
+
+
+def test_csv_histories_read_back_what_write_cell_curves_wrote(tmp_path):
+    """The evaluate stage reads the cells back from the metagrad stage's CSVs: exactly, every variant
+    (gamma_lambda ends in "_lambda" too), and nothing from files that are not a cell's pair."""
+    cells = {
+        ("pong", "impala", 0): History([4, 8], [-21.0, -20.0], [2, 4, 6], [0.99] * 3, [1.0] * 3),
+        ("pong", "gamma_lambda", 2): History([5], [-19.5], [3, 6], [0.99, 0.9871234567], [1.0, 0.9612]),
+        ("space_invaders", "lambda", 1): History([], [], [1], [0.99], [0.95]),
+    }
+    for (game, variant, seed), h in cells.items():
+        write_cell_curves(h, tmp_path, f"{game}_{variant}_seed{seed}")
+    (tmp_path / "returns_pong_impala_seed7.csv").write_text("frames,episode_return\n")  # no eta file
+    (tmp_path / "returns_pong.png").write_bytes(b"")
+    histories = csv_histories(tmp_path)
+    assert {(g, v, s) for g, vs in histories.items() for v, ss in vs.items() for s in ss} == set(cells)
+    for (game, variant, seed), h in cells.items():
+        assert histories[game][variant][seed] == h

@@ -173,8 +173,16 @@ def test_evaluate_metrics_hold_returns_cis_scores_and_hns(project):
         cell = seeds[variant]["0"]  # one training seed: the variant's mean is that agent's mean
         assert cell["mean"] == metrics["atari"]["pong"][variant]["mean_score"]
         assert cell["episodes"] == len(episodes[variant]["seeds"]["0"]["scores"])
+        # the milestones evaluate reads back from the metagrad stage's CSVs are the cell's own
+        from pipeline.metagrad.milestones import cell_milestones
+        from pipeline.metagrad.run import checkpoint_histories
+
+        history = checkpoint_histories(root / "checkpoints/metagrad")["pong"][variant][0]
+        assert cell["training"] == cell_milestones(history).to_dict()
+        assert cell["training"]["frames_to_return"] == {"10": None, "18": None}  # a short run loses
     report = (root / "reports/report.md").read_text()
     assert "Median human-normalised score" in report and metrics["mlflow_run_id"] in report
+    assert "| training return ≥ 10 / ≥ 18 by | γ / λ settled at |" in report
 
 
 @pytest.mark.e2e

@@ -131,9 +131,13 @@ class AtariEvaluation:
             "confidence": self.confidence,
         }
 
-    def per_seed_scores(self, game: str) -> dict:
+    def per_seed_scores(self, game: str, training: dict | None = None) -> dict:
         """``{variant: {seed: {mean, ci_low, ci_high, episodes, frames}}}`` of one game: the shape of
-        ``docs/results/pong_seeds.json`` (the evaluate stage's ``reports/seeds_<game>.json``)."""
+        ``docs/results/pong_seeds.json`` (the evaluate stage's ``reports/seeds_<game>.json``). With
+        ``training`` (``{variant: {seed: milestones}}``, ``milestones.cell_milestones``), each agent's
+        entry also holds its cell's under ``training``: frames to +10 and +18, when gamma and lambda
+        settled, the return per million frames."""
+        training = training or {}
         return {
             variant: {
                 seed: {
@@ -142,6 +146,7 @@ class AtariEvaluation:
                     "ci_high": cell.ci_high,
                     "episodes": len(cell.scores),
                     "frames": cell.train_frames,
+                    **({"training": m} if (m := training.get(variant, {}).get(seed)) else {}),
                 }
                 for seed, cell in summary.seeds.items()
             }

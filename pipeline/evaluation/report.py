@@ -7,6 +7,7 @@ import math
 import yaml
 
 from ..config import EPG_METHODS, METAGRAD_VARIANTS, variant_label
+from ..metagrad.milestones import RETURN_THRESHOLDS
 
 METHOD_LABELS = {**EPG_METHODS, "champion": "registry champion loss"}
 VARIANT_LABELS = {variant: variant_label(variant) for variant in METAGRAD_VARIANTS}
@@ -202,7 +203,17 @@ def atari_section(atari: dict) -> list[str]:
         lines += _table(["game", "difference", f"mean raw score difference [{level} CI]", "seeds"], rows)
     lines += ["", f"Per training seed ({level} CI over episodes):", ""]
     header = ["game", "variant", "seed", "mean raw score [CI]", "HNS", "γ", "λ", "episodes"]
+    header += [
+        "training return " + " / ".join(f"≥ {t:g}" for t in RETURN_THRESHOLDS) + " by",
+        "γ / λ settled at",
+    ]
     lines += _table(header, _seed_rows(atari))
+    lines += [
+        "",
+        "Training milestones: the end of the first million-frame window whose finished training games "
+        "average at least the return; γ and λ settle where they stay within 5 % of their travel of the "
+        "final value (`pipeline/metagrad/milestones.py`).",
+    ]
     lines += ["", "Median human-normalised score over games per variant (seed-mean HNS per game):", ""]
     rows = [
         [
@@ -254,6 +265,7 @@ def _difference_rows(atari: dict) -> list[list[str]]:
 
 
 def _seed_rows(atari: dict) -> list[list[str]]:
+    milestones = atari.get("milestones", {})
     return [
         [
             game,
@@ -264,8 +276,19 @@ def _seed_rows(atari: dict) -> list[list[str]]:
             _num(cell["gamma"], 4),
             _num(cell["lambda"], 3),
             str(len(cell["scores"])),
+            *_milestone_cells(milestones.get(game, {}).get(variant, {}).get(seed)),
         ]
         for game, variants in atari["games"].items()
         for variant, row in variants.items()
         for seed, cell in row["seeds"].items()
     ]
+
+
+def _milestone_cells(m: dict | None) -> list[str]:
+    """ "6 M / not reached" and "0.2 M / 8.8 M" for a cell's milestones; dashes without its curves."""
+    if not m:
+        return ["–", "–"]
+    frames = lambda f, missing: missing if f is None else f"{f / 1e6:.3g} M"  # noqa: E731
+    reached = " / ".join(frames(f, "not reached") for f in m["frames_to_return"].values())
+    settled = f"{frames(m['gamma_settled_at'], '–')} / {frames(m['lambda_settled_at'], '–')}"
+    return [reached, settled]

@@ -10,6 +10,8 @@ from .. import registry, tracking
 from ..config import PipelineConfig, params_hash, section_dict
 from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
+from ..metagrad.milestones import cell_milestones
+from ..metagrad.run import csv_histories
 from ..plots import BandPanel, band_panels, band_plot, bar_plot, line_plot, smooth
 from .adapt_eval import adapting_curves
 from .atari_eval import AtariEvaluation, evaluate_agents
@@ -129,7 +131,8 @@ def run_evaluate(config: PipelineConfig, paths: EvaluatePaths) -> dict:
             )
         # ------------------------------------------------------------ outputs
         if results.get("atari"):
-            write_atari_scores(results["atari"], paths.reports_dir, config.seed)
+            results["milestones"] = training_milestones(paths.plots_dir / "metagrad")
+            write_atari_scores(results["atari"], results["milestones"], paths.reports_dir, config.seed)
         figures = write_plots(results, paths)
         results["figures"] = {
             title: path.relative_to(paths.reports_dir).as_posix() for title, path in figures.items()
@@ -299,15 +302,30 @@ def curve_plots(
 def report_input(results: dict) -> dict:
     """``results`` as the report reads them: the Atari part in its JSON layout."""
     atari = results.get("atari")
-    return {**results, "atari": atari.to_dict()} if atari else results
+    if not atari:
+        return results
+    return {**results, "atari": {**atari.to_dict(), "milestones": results.get("milestones", {})}}
 
 
-def write_atari_scores(atari: AtariEvaluation, reports: Path, seed: int) -> None:
+def training_milestones(metagrad_plots: Path) -> dict:
+    """``{game: {variant: {seed: milestones}}}`` of every cell whose curves the metagrad stage wrote:
+    frames to +10 and +18, when gamma and lambda settled, the return per million frames."""
+    return {
+        game: {
+            variant: {str(seed): cell_milestones(h).to_dict() for seed, h in seeds.items()}
+            for variant, seeds in variants.items()
+        }
+        for game, variants in csv_histories(metagrad_plots).items()
+    }
+
+
+def write_atari_scores(atari: AtariEvaluation, milestones: dict, reports: Path, seed: int) -> None:
     """``atari_scores.json``: every agent's episodes (the layout of ``python -m pipeline score --out``);
-    ``seeds_<game>.json``: each agent's mean score and CI, the source of the README's Pong table."""
+    ``seeds_<game>.json``: each agent's mean score and CI with its cell's training milestones, the
+    source of the README's Pong table."""
     write_json(reports / "atari_scores.json", {**atari.to_dict(), "seed": seed})
     for game in atari.games:
-        write_json(reports / f"seeds_{game}.json", atari.per_seed_scores(game))
+        write_json(reports / f"seeds_{game}.json", atari.per_seed_scores(game, milestones.get(game)))
 
 
 def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str, Path]:

@@ -31,6 +31,18 @@ def frames_to_reach(
     without a finished episode are skipped (they have no mean). The last window may be partial: a run
     of 9.5 M frames has a window (9 M, 10 M] with half a window of episodes, reported as 10 M.
     """
+    for window, mean in enumerate(window_means(episode_frames, episode_returns, window_frames)):
+        if mean is not None and mean >= threshold:
+            return (window + 1) * window_frames
+    return None
+
+
+def window_means(
+    episode_frames: Sequence[int], episode_returns: Sequence[float], window_frames: int = WINDOW_FRAMES
+) -> list[float | None]:
+    """Mean return of the episodes that ended in each window ``(k W, (k + 1) W]``, k = 0 up to the
+    last window with an episode; None for a window in which no episode ended. The windows of
+    ``frames_to_reach``: a cell's learning curve at the resolution its milestones are read at."""
     if len(episode_frames) != len(episode_returns):
         raise ValueError(
             f"episode_frames ({len(episode_frames)}) and episode_returns ({len(episode_returns)}) "
@@ -43,11 +55,8 @@ def frames_to_reach(
         total = sums.setdefault((frame - 1) // window_frames, [0.0, 0])
         total[0] += value
         total[1] += 1
-    for window in sorted(sums):
-        total, count = sums[window]
-        if total / count >= threshold:
-            return (window + 1) * window_frames
-    return None
+    last = max(sums, default=-1)
+    return [sums[k][0] / sums[k][1] if k in sums else None for k in range(last + 1)]
 
 
 def settle_frame(
@@ -87,6 +96,7 @@ class CellMilestones:
     gamma_settled_at: int | None
     lambda_final: float | None
     lambda_settled_at: int | None
+    return_per_million_frames: list[float | None]  # window_means: the training curve, window by window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,4 +113,5 @@ def cell_milestones(history: History, thresholds: Sequence[float] = RETURN_THRES
         gamma_settled_at=settle_frame(history.update_frames, history.gammas),
         lambda_final=history.lambdas[-1] if history.lambdas else None,
         lambda_settled_at=settle_frame(history.update_frames, history.lambdas),
+        return_per_million_frames=window_means(history.episode_frames, history.episode_returns),
     )

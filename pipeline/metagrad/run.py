@@ -14,7 +14,7 @@ import torch
 
 from ..config import METAGRAD_VARIANTS, PipelineConfig
 from ..devices import resolve_device
-from ..io import torch_load, write_csv, write_json
+from ..io import read_csv, torch_load, write_csv, write_json
 from ..plots import band_plot, smooth
 from ..prepare import atari_score_table
 from ..stage import resumable_stage_run
@@ -152,6 +152,33 @@ def write_cell_curves(h: History, plots_dir: Path, name: str) -> list[Path]:
             fieldnames=["frames", "gamma", "lambda"],
         ),
     ]
+
+
+def csv_histories(plots_dir: Path) -> Histories:
+    """The cell histories back from the stage's ``returns_<cell>.csv`` and ``eta_<cell>.csv``
+    (``write_cell_curves``' inverse), for the evaluate stage, which sees the stage's outputs only.
+    A cell needs both files; files of other names are not cells and are skipped."""
+    histories: Histories = {}
+    for returns_path in sorted(Path(plots_dir).glob("returns_*_seed*.csv")):
+        name = returns_path.stem.removeprefix("returns_")
+        eta_path = returns_path.with_name(f"eta_{name}.csv")
+        game_variant, _, seed = name.rpartition("_seed")
+        # the longest variant that ends the name: "pong_gamma_lambda" is gamma_lambda, not lambda
+        suffixes = sorted(METAGRAD_VARIANTS, key=len, reverse=True)
+        variant = next((v for v in suffixes if game_variant.endswith(f"_{v}")), None)
+        if variant is None or not seed.isdigit() or not eta_path.is_file():
+            continue
+        returns, eta = read_csv(returns_path), read_csv(eta_path)
+        history = History(
+            episode_frames=[int(r["frames"]) for r in returns],
+            episode_returns=[float(r["episode_return"]) for r in returns],
+            update_frames=[int(r["frames"]) for r in eta],
+            gammas=[float(r["gamma"]) for r in eta],
+            lambdas=[float(r["lambda"]) for r in eta],
+        )
+        game = game_variant.removesuffix(f"_{variant}")
+        histories.setdefault(game, {}).setdefault(variant, {})[int(seed)] = history
+    return histories
 
 
 def checkpoint_histories(checkpoint_dir: Path) -> Histories:
