@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from pipeline.config import AtariEnvConfig, MetaConfig, MetagradConfig
-from pipeline.metagrad.learner import MetaGradientLearner, Rollout
+from pipeline.metagrad.learner import MetaGradientLearner, Rollout, lr_factor
 from pipeline.nets.atari import OBS_SCALE, AtariActorCritic
 from pipeline.rl.losses import impala_loss
 from pipeline.rl.returns import vtrace
@@ -471,3 +471,32 @@ def test_learner_solves_a_contextual_bandit_from_frames(variant):
     context = torch.arange(256) % 2
     actions, _ = learner.act(contexts[context])
     assert (actions == context).float().mean() > 0.85
+
+
+def test_lr_decays_linearly_to_its_floor_through_the_real_updates():
+    config = metagrad_config(lr=1e-3, lr_decay=True, lr_final=2.5e-4)
+    learner = make_learner(config, "impala", total_updates=4)
+    rollout = synthetic_rollout(0)
+    seen = []
+    for _ in range(6):
+        learner.update(rollout)
+        seen.append(learner.optimizer.param_groups[0]["lr"])
+    # linear from 1e-3 at update 0 to 2.5e-4 at update 4, then flat
+    assert seen == pytest.approx([8.125e-4, 6.25e-4, 4.375e-4, 2.5e-4, 2.5e-4, 2.5e-4], rel=1e-12)
+    constant = make_learner(metagrad_config(lr=1e-3, lr_decay=False), "impala", total_updates=4)
+    constant.update(rollout)
+    assert constant.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_lr_final_zero_is_the_former_decay_to_zero_bit_for_bit():
+    config = metagrad_config(lr=6e-4, lr_decay=True)
+    total = 31_250
+    for update in [*range(0, 50), *range(total - 5, total + 5), 12_345, 2 * total]:
+        assert lr_factor(update, total, config) == max(0.0, 1.0 - update / total)
+
+
+def test_lr_final_must_be_a_floor_of_a_decaying_lr():
+    with pytest.raises(ValueError, match=r"lr_final \(0.002\) must be at most lr \(0.001\)"):
+        metagrad_config(lr=1e-3, lr_final=2e-3)
+    with pytest.raises(ValueError, match="lr_decay is false"):
+        metagrad_config(lr=1e-3, lr_decay=False, lr_final=1e-4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .common import (
     Device,
@@ -115,7 +115,9 @@ class MetagradConfig(Frozen):
     lr: PositiveFloat = 6e-4
     """RMSProp learning rate."""
     lr_decay: bool = True
-    """Decay the learning rate linearly to 0 over `frames`."""
+    """Decay the learning rate linearly from `lr` to `lr_final` over `frames`."""
+    lr_final: Annotated[float, Field(ge=0)] = 0.0
+    """Learning rate the linear decay ends at (`lr_decay: true`): a floor, at most `lr`; 0 decays to 0."""
     rmsprop_alpha: Probability = 0.99
     """RMSProp smoothing constant."""
     rmsprop_eps: PositiveFloat = 0.01
@@ -171,3 +173,16 @@ class MetagradConfig(Frozen):
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds are listed more than once")
         return seeds
+
+    @model_validator(mode="after")
+    def _lr_floor_below_lr(self) -> MetagradConfig:
+        if self.lr_final > self.lr:
+            raise ValueError(
+                f"lr_final ({self.lr_final:g}) must be at most lr ({self.lr:g}): it is the decay's end"
+            )
+        if self.lr_final > 0 and not self.lr_decay:
+            raise ValueError(
+                f"lr_final ({self.lr_final:g}) is the end of the lr decay, but lr_decay is false "
+                "(a constant lr): set lr_decay: true or drop lr_final"
+            )
+        return self

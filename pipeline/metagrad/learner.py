@@ -240,6 +240,16 @@ def clip_vjp(cotangent: dict, grads: dict, grad_norm: torch.Tensor, max_norm: fl
     return {name: clip_coef * v - radial * grads[name] for name, v in cotangent.items()}
 
 
+def lr_factor(update: int, total_updates: int, config: MetagradConfig) -> float:
+    """The multiple of ``config.lr`` at ``update``: 1 without ``lr_decay``; else linear from 1 at update
+    0 to ``lr_final / lr`` at ``total_updates``, and that floor afterwards. With ``lr_final`` 0 this is
+    ``max(0, 1 - update / total_updates)``, bit for bit (IMPALA's decay to 0)."""
+    if not config.lr_decay:
+        return 1.0
+    progress = min(1.0, update / total_updates)
+    return 1.0 - (1.0 - config.lr_final / config.lr) * progress
+
+
 def logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -259,10 +269,9 @@ class MetaGradientLearner:
         self.optimizer = TFRMSprop(
             self.net.parameters(), lr=config.lr, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps
         )
-        decay = (
-            (lambda update: max(0.0, 1.0 - update / total_updates)) if config.lr_decay else (lambda _: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda update: lr_factor(update, total_updates, config)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         meta = config.meta
         # eta as logits; the entries that are not meta-learned simply never receive an Adam step.
         init = [
