@@ -91,7 +91,11 @@ def signed(text: str) -> float:
 
 
 # the phrase that follows a profile's scores in the README -> its results folder
-PONG_PROFILES = {"with entropy cost 0.01": "pong_entropy0.01", "with 0.003": "pong_entropy0.003"}
+PONG_PROFILES = {
+    "with entropy cost 0.01": "pong_entropy0.01",
+    "with 0.003": "pong_entropy0.003",
+    "with lr 1.2e-3": "pong_lr0.0012_entropy0.01",
+}
 
 
 def test_pong_paragraph_quotes_each_profiles_committed_seed_scores():
