@@ -12,6 +12,7 @@ from ..envs.tasks import load_tasks
 from ..io import read_csv, read_json, torch_load, write_csv, write_json, write_text
 from ..metagrad.milestones import cell_milestones
 from ..metagrad.run import csv_histories
+from ..metagrad.train import History
 from ..plots import BandPanel, band_panels, band_plot, bar_plot, line_plot, smooth
 from .adapt_eval import adapting_curves
 from .atari_eval import AtariEvaluation, evaluate_agents
@@ -360,6 +361,7 @@ def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str,
         ylabel="human-normalised score (%), CI over seeds",
         title="No-op-start evaluation",
     )
+    histories = csv_histories(paths.plots_dir / "metagrad")
     for game in atari.games:
         scores = atari.reference_scores[game]
         references = {"random": scores["random"], "human": scores["human"]}  # on the return panel
@@ -369,7 +371,7 @@ def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str,
             ("eta", "gamma", "gamma"),
             ("eta", "lambda", "lambda"),
         ):
-            curves = training_curves(paths.plots_dir / "metagrad", kind, game, column)
+            curves = training_curves(histories.get(game, {}), column)
             if curves:
                 name = "return" if kind == "returns" else column
                 curves = {label(v): seeds for v, seeds in curves.items()}
@@ -392,20 +394,19 @@ def write_atari_plots(atari: AtariEvaluation, paths: EvaluatePaths) -> dict[str,
     return figures
 
 
-def training_curves(folder: Path, kind: str, game: str, column: str) -> dict[str, list[tuple[list, list]]]:
-    """``<kind>_<game>_<variant>_seed<k>.csv`` files -> {variant: [(frames, values) per seed]}."""
-    curves: dict[str, list[tuple[list, list]]] = {}
-    for csv_path in sorted(folder.glob(f"{kind}_{game}_*_seed*.csv")):
-        variant, _, seed = csv_path.stem.removeprefix(f"{kind}_{game}_").rpartition("_seed")
-        if not seed.isdigit() or variant not in VARIANT_LABELS:
-            continue
-        rows = read_csv(csv_path)
-        values = [float(r[column]) for r in rows]
-        curves.setdefault(variant, []).append(
-            ([int(r["frames"]) for r in rows], smooth(values, 10) if kind == "returns" else values)
-        )
+def training_curves(cells: dict[str, dict[int, History]], column: str) -> dict[str, list[tuple[list, list]]]:
+    """One game's cells -> {variant: [(frames, values) per seed]}: the return (moving average of 10
+    games) by episode frames, or gamma or lambda by update frames."""
     order = list(VARIANT_LABELS)
-    return dict(sorted(curves.items(), key=lambda kv: order.index(kv[0])))
+    curves: dict[str, list[tuple[list, list]]] = {}
+    for variant in sorted(cells, key=order.index):
+        for h in cells[variant].values():
+            if column == "episode_return":
+                curve = (h.episode_frames, smooth(h.episode_returns, 10))
+            else:
+                curve = (h.update_frames, h.gammas if column == "gamma" else h.lambdas)
+            curves.setdefault(variant, []).append(curve)
+    return curves
 
 
 def summary_metrics(results: dict, run_id: str) -> dict:
