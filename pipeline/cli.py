@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {models,losses,profile,ui,curves,score,games} ...``.
+"""Command line: ``python -m pipeline {models,losses,profile,ui,curves,score,collapses,games} ...``.
 
 python -m pipeline models list                      # every registered model
 python -m pipeline models list NAME [--tags a,b]    # its versions, aliases and tags
@@ -11,6 +11,7 @@ python -m pipeline ui                   # MLflow UI on the embedded store, 127.0
 python -m pipeline curves checkpoints/metagrad --out DIR   # metagrad curves so far, from checkpoints
 python -m pipeline score runs/learn/models/metagrad --episodes 30 --out score.json
                                         # no-op-start scores of trained agents (GAME/VARIANT/seedK.pt)
+python -m pipeline collapses RUN_ID      # near-uniform stretches of metagrad cells' policies
 python -m pipeline games                # the ALE games this ale-py ships
 python -m pipeline params-doc           # regenerate docs/params.md from pipeline/config/
 
@@ -229,6 +230,63 @@ def describe_cell(h, m) -> str:
     return f"{m.frames} frames, {len(h.episode_returns)} games, last-10 return {last}; {reached}; {eta}"
 
 
+def cmd_collapses(args) -> int:
+    """Near-uniform stretches of each metagrad cell's policy, from the entropy its MLflow run logged."""
+    import math
+
+    from .config import AtariEnvConfig
+    from .io import write_json
+    from .metagrad.milestones import collapse_events, frames_since_collapse
+    from .prepare import describe_game
+
+    if args.merge_frames < 0:
+        return _fail(f"--merge-frames must be >= 0, got {args.merge_frames}")
+    cells, actions, found = {}, {}, []
+    mlclient = tracking.client()
+    for run_id in args.runs:
+        try:
+            run = mlclient.get_run(run_id)
+        except Exception as error:  # MLflow raises its own exception for an unknown id
+            return _fail(f"no MLflow run {run_id} in {tracking.tracking_uri()}: {error}")
+        children = mlclient.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+        )
+        found += [r for r in [run, *children] if {"game", "variant", "seed"} <= r.data.tags.keys()]
+    if not found:
+        return _fail(
+            f"none of {', '.join(args.runs)} is a metagrad cell run or has one (tags game, variant, seed)"
+        )
+    for run in found:
+        tags = run.data.tags
+        history = sorted(mlclient.get_metric_history(run.info.run_id, "entropy"), key=lambda m: m.step)
+        frames, entropies = [m.step for m in history], [m.value for m in history]
+        if tags["game"] not in actions:
+            actions[tags["game"]] = describe_game(tags["game"], AtariEnvConfig())["num_actions"]
+        events = collapse_events(
+            frames, entropies, math.log(actions[tags["game"]]), args.fraction, args.window, args.merge_frames
+        )
+        events = [e for e in events if e.start >= args.after]
+        since = frames_since_collapse(events, frames)
+        starts = ", ".join(f"{e.start / 1e6:.2f}" for e in events) or "none"
+        last = "" if since is None else f"; the last ended {since} frames before the final update"
+        end = frames[-1] if frames else 0
+        print(
+            f"{tags['game']}/{tags['variant']}/seed{tags['seed']} (run {run.info.run_id}): {len(events)} "
+            f"near-uniform stretches from {args.after / 1e6:g} M frames to the end ({end}), "
+            f"starting at (M frames) {starts}{last}"
+        )
+        cells.setdefault(tags["game"], {}).setdefault(tags["variant"], {})[tags["seed"]] = {
+            "run_id": run.info.run_id,
+            "updates": len(frames),
+            "events": [{"start": e.start, "end": e.end, "peak_entropy": e.peak} for e in events],
+            "frames_since_collapse": since,
+        }
+    if args.out:
+        settings = {k: getattr(args, k) for k in ("fraction", "window", "merge_frames", "after")}
+        print(write_json(Path(args.out), {"settings": settings, "cells": cells}))
+    return 0
+
+
 def cmd_score(args) -> int:
     from .config import AtariEvalConfig
     from .evaluation.atari_eval import evaluate_agents
@@ -383,6 +441,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write {variant: {seed: {mean, ci_low, ci_high, episodes, frames}}} here (one game)",
     )
     score.set_defaults(func=cmd_score)
+
+    collapses = commands.add_parser(
+        "collapses", help="stretches where a metagrad cell's policy went back to near uniform (from MLflow)"
+    )
+    collapses.add_argument(
+        "runs", nargs="+", help="MLflow run ids: metagrad cell runs or the stage run above them"
+    )
+    collapses.add_argument(
+        "--fraction", type=probability, default=0.97, help="of the uniform policy's entropy (default 0.97)"
+    )
+    collapses.add_argument(
+        "--window", type=positive_int, default=5, help="updates in the rolling mean (default 5)"
+    )
+    collapses.add_argument(
+        "--merge-frames", type=int, default=20_000, help="stretches this close are one (default 20000)"
+    )
+    collapses.add_argument(
+        "--after", type=int, default=0, help="count stretches that start at this frame or later (default 0)"
+    )
+    collapses.add_argument("--out", help="also write the stretches of every cell as JSON here")
+    collapses.set_defaults(func=cmd_collapses)
 
     games = commands.add_parser("games", help="list the ALE games")
     games.set_defaults(func=cmd_games)

@@ -230,3 +230,42 @@ def test_games_lists_ale_roms(tmp_path):
     assert "pong" in games and "breakout" in games and "ms_pacman" in games
     assert games == sorted(games)
     assert games == list(ale_games())
+
+
+def test_collapses_finds_near_uniform_stretches_of_a_cell_run(store, tmp_path):
+    """A stage run with one cell run under it, whose logged entropy leaves ln 6 (Pong's 6 actions),
+    comes back to it twice and ends just after the second time."""
+    import math
+
+    from pipeline import tracking
+
+    uniform, learned = math.log(6), 0.5
+    entropy = [uniform] * 3 + [learned] * 10 + [uniform] * 2 + [learned] * 10 + [uniform] * 3 + [learned]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(store)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        client = tracking.client()
+        experiment = client.create_experiment("collapses-test")
+        stage = client.create_run(experiment)
+        cell = client.create_run(
+            experiment,
+            tags={"mlflow.parentRunId": stage.info.run_id, "game": "pong", "variant": "impala", "seed": "0"},
+        )
+        for update, value in enumerate(entropy, start=1):
+            client.log_metric(cell.info.run_id, "entropy", value, step=320 * update)
+    out = tmp_path / "collapses.json"
+    result = cli(
+        store, "collapses", stage.info.run_id, "--window", "1", "--merge-frames", "0", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pong/impala/seed0" in result.stdout and "2 near-uniform stretches" in result.stdout
+    cells = json.loads(out.read_text())["cells"]["pong"]["impala"]["0"]
+    # updates 14-15 and 26-28 (frames 320 x update); the first three are the fresh policy, not an event
+    assert [(e["start"], e["end"]) for e in cells["events"]] == [(4_480, 4_800), (8_320, 8_960)]
+    assert cells["frames_since_collapse"] == 320 and cells["run_id"] == cell.info.run_id
+    later = cli(
+        store, "collapses", cell.info.run_id, "--window", "1", "--merge-frames", "0", "--after", "5000"
+    )
+    assert "1 near-uniform stretches" in later.stdout, later.stderr
+    unknown = cli(store, "collapses", "0" * 32)
+    assert unknown.returncode == 2 and "no MLflow run" in unknown.stderr

@@ -4,7 +4,15 @@ import random
 
 import pytest
 
-from pipeline.metagrad.milestones import cell_milestones, frames_to_reach, settle_frame, window_means
+from pipeline.metagrad.milestones import (
+    CollapseEvent,
+    cell_milestones,
+    collapse_events,
+    frames_since_collapse,
+    frames_to_reach,
+    settle_frame,
+    window_means,
+)
 from pipeline.metagrad.run import csv_histories, write_cell_curves
 from pipeline.metagrad.train import History
 
@@ -116,3 +124,64 @@ def test_csv_histories_read_back_what_write_cell_curves_wrote(tmp_path):
     assert {(g, v, s) for g, vs in histories.items() for v, ss in vs.items() for s in ss} == set(cells)
     for (game, variant, seed), h in cells.items():
         assert histories[game][variant][seed] == h
+
+
+def test_collapse_events_by_hand():
+    frames = [100 * (i + 1) for i in range(12)]
+    # uniform at the start (not an event), learns, collapses twice, recovers, ends collapsed
+    entropy = [1.0, 1.0, 0.2, 0.2, 1.0, 1.0, 0.2, 0.2, 0.2, 0.2, 0.2, 1.0]
+    events = collapse_events(frames, entropy, max_entropy=1.0, fraction=0.9, window=1, merge_frames=0)
+    assert events == [CollapseEvent(500, 600, 1.0), CollapseEvent(1_200, 1_200, 1.0)]
+    assert frames_since_collapse(events, frames) == 0  # ended inside one
+    # merge_frames joins the two: 1 200 - 600 = 600 frames apart
+    merged = collapse_events(frames, entropy, max_entropy=1.0, fraction=0.9, window=1, merge_frames=600)
+    assert merged == [CollapseEvent(500, 1_200, 1.0)]
+    # a 2-update rolling mean: (1 + 0.2) / 2 = 0.6 < 0.9, so only the second of each pair is collapsed
+    rolled = collapse_events(frames, entropy, max_entropy=1.0, fraction=0.9, window=2, merge_frames=0)
+    assert rolled == [CollapseEvent(600, 600, 1.0)]
+    assert frames_since_collapse(rolled, frames) == 600
+    assert frames_since_collapse([], frames) is None
+    assert collapse_events([], [], max_entropy=1.0) == []
+
+
+def slow_collapse_events(frames, entropy, max_entropy, fraction, window, merge_frames):
+    collapsed = []
+    for i in range(len(frames)):
+        recent = entropy[max(0, i - window + 1) : i + 1]
+        collapsed.append(sum(recent) / len(recent) >= fraction * max_entropy)
+    first_below = next((i for i, c in enumerate(collapsed) if not c), len(frames))
+    indices = [i for i in range(first_below, len(frames)) if collapsed[i]]
+    groups = []
+    for i in indices:
+        if groups and (i == groups[-1][-1] + 1 or frames[i] - frames[groups[-1][-1]] <= merge_frames):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    means = [
+        sum(entropy[max(0, i - window + 1) : i + 1]) / len(entropy[max(0, i - window + 1) : i + 1])
+        for i in range(len(frames))
+    ]
+    return [(frames[g[0]], frames[g[-1]], max(means[i] for i in g)) for g in groups]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_collapse_events_against_the_obvious_loop(seed):
+    rng = random.Random(seed)
+    frames = sorted(rng.sample(range(1, 50_000), 300))
+    entropy = [rng.choice([1.79, 1.75, 1.2, 0.8]) for _ in frames]
+    window, merge = rng.choice([1, 3, 5]), rng.choice([0, 500, 5_000])
+    events = collapse_events(
+        frames, entropy, max_entropy=1.7918, fraction=0.95, window=window, merge_frames=merge
+    )
+    expected = slow_collapse_events(frames, entropy, 1.7918, 0.95, window, merge)
+    assert [(e.start, e.end) for e in events] == [(s, e) for s, e, _ in expected]
+    assert [e.peak for e in events] == pytest.approx([p for _, _, p in expected])
+
+
+def test_collapse_events_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="differ in length"):
+        collapse_events([1, 2], [1.0], max_entropy=1.0)
+    with pytest.raises(ValueError, match="window"):
+        collapse_events([1], [1.0], max_entropy=1.0, window=0)
+    with pytest.raises(ValueError, match="fraction"):
+        collapse_events([1], [1.0], max_entropy=1.0, fraction=1.5)

@@ -115,3 +115,70 @@ def cell_milestones(history: History, thresholds: Sequence[float] = RETURN_THRES
         lambda_settled_at=settle_frame(history.update_frames, history.lambdas),
         return_per_million_frames=window_means(history.episode_frames, history.episode_returns),
     )
+
+
+@dataclass(frozen=True)
+class CollapseEvent:
+    """A stretch of updates whose policy was near uniform: ``start``/``end`` are update frames."""
+
+    start: int
+    end: int
+    peak: float  # the highest rolling-mean entropy in it, in nats
+
+
+def collapse_events(
+    update_frames: Sequence[int],
+    entropies: Sequence[float],
+    max_entropy: float,
+    fraction: float = 0.97,
+    window: int = 5,
+    merge_frames: int = 20_000,
+) -> list[CollapseEvent]:
+    """Stretches after the policy first left uniform play in which it went back to near uniform.
+
+    An update is collapsed when the mean policy entropy of its last ``window`` updates (itself included)
+    is at least ``fraction`` × ``max_entropy`` (ln of the number of actions: the uniform policy's
+    entropy). A fresh policy starts there, so the collapsed updates before the first one below the
+    threshold are not events. Consecutive collapsed updates form an event, and so do collapsed updates
+    at most ``merge_frames`` apart. A policy that keeps learning can pass through such events and
+    recover; an agent exported in or just after one plays near-randomly (``frames_since_collapse``).
+    """
+    if len(update_frames) != len(entropies):
+        raise ValueError(
+            f"update_frames ({len(update_frames)}) and entropies ({len(entropies)}) differ in length"
+        )
+    if window < 1:
+        raise ValueError(f"window must be at least 1 update, got {window}")
+    if not 0.0 < fraction <= 1.0 or max_entropy <= 0.0 or merge_frames < 0:
+        raise ValueError(
+            "need 0 < fraction <= 1, max_entropy > 0 and merge_frames >= 0, "
+            f"got {fraction}, {max_entropy} and {merge_frames}"
+        )
+    threshold = fraction * max_entropy
+    events: list[CollapseEvent] = []
+    left_uniform = False
+    last_collapsed = -2  # index of the latest collapsed update counted in an event
+    for i, frame in enumerate(update_frames):
+        recent = entropies[max(0, i - window + 1) : i + 1]
+        mean = sum(recent) / len(recent)
+        if mean < threshold:
+            left_uniform = True
+            continue
+        if not left_uniform:
+            continue
+        if events and (last_collapsed == i - 1 or frame - events[-1].end <= merge_frames):
+            events[-1] = CollapseEvent(events[-1].start, int(frame), max(events[-1].peak, mean))
+        else:
+            events.append(CollapseEvent(int(frame), int(frame), mean))
+        last_collapsed = i
+    return events
+
+
+def frames_since_collapse(events: Sequence[CollapseEvent], update_frames: Sequence[int]) -> int | None:
+    """Frames from the end of the last event to the last update (the one an exported agent comes
+    from): 0 when the run ended inside one, None without events. The entropy of an update is that of
+    the policy which collected its batch, before the update, so a small count means the exported agent
+    is the policy of a collapse or one update after it."""
+    if not events or not update_frames:
+        return None
+    return int(update_frames[-1]) - events[-1].end
