@@ -95,6 +95,7 @@ PONG_PROFILES = {
     "with entropy cost 0.01": "pong_entropy0.01",
     "with 0.003": "pong_entropy0.003",
     "with lr 1.2e-3": "pong_lr0.0012_entropy0.01",
+    "with lr 1.2e-3 → 3e-4": "pong_lr0.0012to0.0003_entropy0.01",
 }
 
 
