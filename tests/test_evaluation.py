@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from pipeline.config import METAGRAD_VARIANTS
 from pipeline.evaluation.compare import LifetimeCurves, compare, epg_curves, steps_to_reach
 from pipeline.evaluation.epg_eval import (
     CurvePoint,
@@ -19,7 +20,7 @@ from pipeline.evaluation.epg_eval import (
     summarise,
 )
 from pipeline.evaluation.promotion import decide_promotion
-from pipeline.evaluation.report import render_report
+from pipeline.evaluation.report import _milestone_cells, render_report
 from pipeline.evaluation.stats import aggregate_hns, human_normalized, mean_ci
 
 
@@ -185,6 +186,18 @@ def test_report_holds_tables_figures_params_and_run_ids():
     assert "![Learning curves, test tasks](curves_test.png)" in report
     assert "`r2`" in report and "popsize: 16" in report
     assert "moved to version 3" in report
+
+
+def test_seed_rows_say_fixed_for_what_a_variant_does_not_meta_learn():
+    cell = {
+        "frames_to_return": {"10": 9_000_000, "18": None},
+        "gamma_settled_at": 640,
+        "lambda_settled_at": 9_480_000,
+    }
+    assert _milestone_cells(cell, METAGRAD_VARIANTS["impala"]) == ["9 M / not reached", "fixed / fixed"]
+    assert _milestone_cells(cell, METAGRAD_VARIANTS["lambda"]) == ["9 M / not reached", "fixed / 9.48 M"]
+    assert _milestone_cells(cell, METAGRAD_VARIANTS["gamma_lambda"])[1] == "0.00064 M / 9.48 M"
+    assert _milestone_cells(None, ()) == ["–", "–"]
 
 
 def test_report_without_atari_section():

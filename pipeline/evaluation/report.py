@@ -276,7 +276,9 @@ def _seed_rows(atari: dict) -> list[list[str]]:
             _num(cell["gamma"], 4),
             _num(cell["lambda"], 3),
             str(len(cell["scores"])),
-            *_milestone_cells(milestones.get(game, {}).get(variant, {}).get(seed)),
+            *_milestone_cells(
+                milestones.get(game, {}).get(variant, {}).get(seed), METAGRAD_VARIANTS.get(variant)
+            ),
         ]
         for game, variants in atari["games"].items()
         for variant, row in variants.items()
@@ -284,11 +286,16 @@ def _seed_rows(atari: dict) -> list[list[str]]:
     ]
 
 
-def _milestone_cells(m: dict | None) -> list[str]:
-    """ "6 M / not reached" and "0.2 M / 8.8 M" for a cell's milestones; dashes without its curves."""
+def _milestone_cells(m: dict | None, learned: tuple[str, ...] | None = None) -> list[str]:
+    """ "6 M / not reached" and "0.2 M / 8.8 M" for a cell's milestones; dashes without its curves.
+    A parameter the variant does not meta-learn (``learned``: its names) reads "fixed", not "settled at
+    once"."""
     if not m:
         return ["–", "–"]
     frames = lambda f, missing: missing if f is None else f"{f / 1e6:.3g} M"  # noqa: E731
     reached = " / ".join(frames(f, "not reached") for f in m["frames_to_return"].values())
-    settled = f"{frames(m['gamma_settled_at'], '–')} / {frames(m['lambda_settled_at'], '–')}"
+    settled = " / ".join(
+        "fixed" if learned is not None and name not in learned else frames(m[f"{name}_settled_at"], "–")
+        for name in ("gamma", "lambda")
+    )
     return [reached, settled]
