@@ -90,20 +90,39 @@ def signed(text: str) -> float:
     return float(text.replace("**", "").replace("+", "").replace("−", "-"))
 
 
-# the phrase that follows a profile's scores in the README -> its results folder
-PONG_PROFILES = {
-    "with 32 envs": "pong_lr0.0012_entropy0.01_envs32",
-}
+SEEDS_JSON = ROOT / "docs" / "results" / "pong_seeds.json"
+PAIRED_JSON = ROOT / "docs" / "results" / "pong_seeds" / "atari_scores.json"
 
 
-def test_pong_paragraph_quotes_each_profiles_committed_seed_scores():
-    """'+18.17, +17.87, +15.90 over 30 ... on seeds 0–2 with 32 envs': each profile's three {} scores, in
-    seed order, are its committed ``pong_seeds.json``."""
-    paragraph = next(p for p in README.read_text().split("\n\n") if p.startswith("Pong (learn profile"))
-    for phrase, folder in PONG_PROFILES.items():
-        seeds = json.loads((ROOT / "docs" / "results" / folder / "pong_seeds.json").read_text())["impala"]
-        assert folder in paragraph
-        expected = [round(seeds[s]["mean"], 2) for s in sorted(seeds, key=int)]
-        before = paragraph.split(phrase)[0]
-        quoted = [signed(x) for x in re.findall(r"(?:\*\*)?[+−-]\d+\.\d\d(?:\*\*)?", before)[-3:]]
-        assert quoted == expected, (phrase, quoted, expected)
+def millions(frames: int | None) -> str:
+    return "–" if frames is None else f"{frames / 1e6:g} M"
+
+
+def quoted_interval(cell: str) -> tuple[float, float, float]:
+    return parse_interval(cell.replace("+", "").replace("−", "-"))
+
+
+def test_pong_seed_table_quotes_the_committed_evaluation():
+    """README's "| seed | {} final agent" table: each agent's score and CI, the paired difference per
+    seed and its mean with CI, the seed means, frames to +10 / +18: all from docs/results/pong_seeds.json
+    and the evaluate stage's atari_scores.json beside it."""
+    seeds = json.loads(SEEDS_JSON.read_text())
+    pong = json.loads(PAIRED_JSON.read_text())["games"]["pong"]
+    diff = pong["gamma_lambda"]["diff_vs_impala"]
+    _, rows = markdown_table(README.read_text(), "| seed | {} final agent")
+    assert [row[0] for row in rows] == ["0", "1", "2", "mean over seeds"]
+    for seed, base, meta, difference, base_marks, meta_marks in rows[:3]:
+        for cell, variant in ((base, "impala"), (meta, "gamma_lambda")):
+            entry = seeds[variant][seed]
+            assert entry["episodes"] == 30 and entry["frames"] == 10_000_000
+            expected = tuple(round(entry[k], 2) for k in ("mean", "ci_low", "ci_high"))
+            assert quoted_interval(cell) == expected, (seed, variant, cell)
+        assert signed(difference) == round(diff["per_seed"][seed], 2), (seed, difference)
+        for marks, variant in ((base_marks, "impala"), (meta_marks, "gamma_lambda")):
+            reach = seeds[variant][seed]["training"]["frames_to_return"]
+            assert marks == f"{millions(reach['10'])} / {millions(reach['18'])}", (seed, variant, marks)
+    _, base, meta, difference, *_ = rows[3]
+    for cell, variant in ((base, "impala"), (meta, "gamma_lambda")):
+        expected = tuple(round(pong[variant][k], 2) for k in ("mean_score", "ci_low", "ci_high"))
+        assert quoted_interval(cell) == expected, (variant, cell)
+    assert quoted_interval(difference) == tuple(round(diff[k], 2) for k in ("mean", "ci_low", "ci_high"))
