@@ -107,6 +107,27 @@ def test_cells_cover_the_grid_and_keep_the_seed_rule(tmp_path):
     assert one == cell_config(config, cell)  # growing the grid keeps a cell's checkpoint valid
 
 
+def test_a_meta_learner_sweep_keeps_the_baseline_cells(tmp_path):
+    """{} learns no eta, so its cell config ignores metagrad.meta (but the embedding's size): a sweep of
+    the meta lr reuses the {} checkpoints. Justified by the numbers: {} trained under two different
+    meta-learners gives the same agent bit for bit."""
+    config = tiny_config(frames=3 * 40)
+    meta = config.meta.model_copy(update={"lr": 0.5, "objective": "value_error", "init_gamma": 0.9})
+    other = config.model_copy(update={"meta": meta})
+    baseline, meta_learner = Cell("pong", "impala", 0), Cell("pong", "gamma_lambda", 0)
+    assert cell_config(other, baseline) == cell_config(config, baseline)
+    assert cell_config(other, meta_learner) != cell_config(config, meta_learner)
+    wider = other.model_copy(update={"meta": other.meta.model_copy(update={"embedding_dim": 8})})
+    assert cell_config(wider, baseline) != cell_config(config, baseline)
+    agents = [
+        train_variant(c, "pong", "impala", baseline.training_seed, tmp_path / f"{i}.pt")[1].net.state_dict()
+        for i, c in enumerate((config, other))  # the raw configs, not cell_config's
+    ]
+    assert list(agents[0]) == list(agents[1])
+    for name, tensor in agents[0].items():
+        assert torch.equal(tensor, agents[1][name]), name
+
+
 def test_ray_is_used_for_concurrent_cells_or_a_cluster_address(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert not grid.uses_ray(tiny_config().ray)

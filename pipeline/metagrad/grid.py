@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import MetagradConfig, MetagradRayConfig
+from ..config import METAGRAD_VARIANTS, MetaConfig, MetagradConfig, MetagradRayConfig
 from ..devices import resolve_device
 from ..io import atomic_path, torch_load
 from ..seeding import variant_seed
@@ -72,15 +72,19 @@ def grid_cells(config: MetagradConfig) -> list[Cell]:
 
 def cell_config(config: MetagradConfig, cell: Cell) -> MetagradConfig:
     """The config of a one-cell grid: what a cell's checkpoint and exported agent record. Adding a
-    seed, a game or a variant to the grid, or changing where cells run, keeps other cells' checkpoints."""
-    return config.model_copy(
-        update={
-            "games": [cell.game],
-            "variants": [cell.variant],
-            "seeds": [cell.seed],
-            "ray": MetagradRayConfig(),
-        }
-    )
+    seed, a game or a variant to the grid, or changing where cells run, keeps other cells' checkpoints.
+    A variant that meta-learns nothing ({}) records the meta-learner's defaults: of ``metagrad.meta``
+    only the size of the eta embedding reaches its numbers, so a sweep of the meta-learner's settings
+    keeps the {} cells' checkpoints."""
+    update = {
+        "games": [cell.game],
+        "variants": [cell.variant],
+        "seeds": [cell.seed],
+        "ray": MetagradRayConfig(),
+    }
+    if not METAGRAD_VARIANTS[cell.variant]:
+        update["meta"] = MetaConfig(embedding_dim=config.meta.embedding_dim)
+    return config.model_copy(update=update)
 
 
 @dataclass
