@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Every Ray the suite starts (local ``ray.init()`` or the loopback cluster of test_grid) is a
+# Every Ray the suite starts (local ``ray.init()`` or the loopback cluster of test_grid_cluster) is a
 # throwaway one on this machine: no token authentication, for the whole process and not per test.
 # A local ``ray.init()`` with RAY_AUTH_MODE unset switches its process to token mode for good: Ray
 # sets the variable and refreshes its cached C++ config, which later changes of the variable do not
@@ -38,3 +38,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def serial_grid(tmp_path_factory) -> dict:
+    """The tiny metagrad grid run serially (grid_helpers.serial_reference), the reference of the grid
+    tests in test_grid.py and test_grid_cluster.py: trained once per session."""
+    from grid_helpers import serial_reference
+
+    return serial_reference(tmp_path_factory.mktemp("serial"))
